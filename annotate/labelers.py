@@ -1,0 +1,61 @@
+"""The labelers that write candidate columns: CLIP prompt templates, and synthetic NPLL.
+
+A labeler maps a batch to per-sample fields (see annotate/columns.py); the LLaVA labeler
+served through vLLM's OpenAI-compatible API will be a third one with the same interface.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import zlib
+
+import numpy as np
+
+from coreg_dist.labels import derive_candidates, synthetic_npll, top_few
+
+
+class ClipLabeler:
+    """Each prompt template is one annotator; the rule turns their scores into a set."""
+    needs_images = True
+
+    def __init__(self, cfg_annotator, class_names: List[str], device: str = "cpu"):
+        from annotate.clip_scorer import ClipScorer  # transformers is imported only when used
+
+        self.cfg = cfg_annotator
+        self.scorer = ClipScorer(cfg_annotator.model, class_names, list(cfg_annotator.templates),
+                                 device=device, logit_scale=cfg_annotator.logit_scale,
+                                 batch_size=cfg_annotator.batch_size)
+
+    def label(self, images: Optional[List], true: np.ndarray, keys: List[str]) -> Dict[str, np.ndarray]:
+        probs = self.scorer.score(images)                                 # (B, d, C)
+        c = self.cfg
+        Y = derive_candidates(probs, c.rule, topk=c.topk, ratio=c.ratio,
+                              soft_threshold=c.soft_threshold)
+        topi, topp = top_few(probs, c.store_topk)
+        return {"Y": Y, "probs": probs, "votes": probs.argmax(axis=2).astype(np.int16),
+                "topi": topi, "topp": topp}
+
+    def provenance(self) -> Dict:
+        c = self.cfg
+        return {"annotator": "clip", **self.scorer.provenance(), "templates": list(c.templates),
+                "rule": c.rule, "topk": c.topk, "ratio": c.ratio, "soft_threshold": c.soft_threshold,
+                "store_topk": c.store_topk}
+
+
+class SyntheticLabeler:
+    """[P][C] The q / eta flip protocol on the true labels, for controlled studies."""
+    needs_images = False
+
+    def __init__(self, cfg_synthetic, num_classes: int):
+        self.cfg, self.num_classes = cfg_synthetic, num_classes
+
+    def label(self, images, true: np.ndarray, keys: List[str]) -> Dict[str, np.ndarray]:
+        if (true < 0).any():
+            bad = keys[int(np.flatnonzero(true < 0)[0])]
+            raise ValueError(f"synthetic NPLL needs the true label ('cls' field); sample {bad} has none")
+        # Seeded by the batch's first key, so relabeling one shard reproduces it exactly.
+        rng = np.random.default_rng([self.cfg.seed, zlib.crc32(keys[0].encode())])
+        return {"Y": synthetic_npll(true, self.num_classes, self.cfg.q, self.cfg.eta, rng)}
+
+    def provenance(self) -> Dict:
+        return {"annotator": "synthetic", "q": self.cfg.q, "eta": self.cfg.eta, "seed": self.cfg.seed}

@@ -1,0 +1,150 @@
+"""Shard format v1: names, paths and the dataset manifest. The spec is docs/format.md.
+
+    ROOT/manifest.json                       the dataset: classes, splits, image shards + counts
+    ROOT/images/<split>-<NNNNNN>.tar         WebDataset image shards (image bytes as they came, .cls)
+    ROOT/images/<split>-<NNNNNN>.stats.json  commit marker of the image shard
+    ROOT/columns/<col>/<shard>.tar           column shard: same basename, same keys, same order
+    ROOT/columns/<col>/<shard>.stats.json    commit marker of the column shard (written last)
+    ROOT/columns/<col>/column.json           provenance + totals, written once every shard committed
+
+A column is anything per-sample that lives beside the images: an annotator's candidate sets,
+votes and scores, merged sets, per-sample training state. Several columns coexist.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from coreg_dist.io import atomic_write_json, read_json
+
+FORMAT_NAME = "coreg-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_DIR = "images"
+COLUMN_DIR = "columns"
+COLUMN_INFO = "column.json"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+SPLITS = ("train", "test", "annotator")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# Fields of a candidate-label column sample (see docs/format.md).
+CAND = "cand.npy"        # int16 (k,)   sorted candidate class indices, k >= 1
+VOTES = "votes.npy"      # int16 (d,)   each annotator's choice
+TOPI = "topi.npy"        # int16 (d,K)  each annotator's K most probable classes
+TOPP = "topp.npy"        # float16 (d,K) their probabilities
+SOFT = "soft.npy"        # float16 (C,) annotator-averaged probabilities (optional)
+
+
+class FormatError(ValueError):
+    """A dataset that does not follow the format; the message names the file and field."""
+
+
+def check_key(key: str, where: str = "") -> str:
+    # WebDataset splits a member name at its first dot, so keys must not contain one.
+    if not _KEY_RE.match(key):
+        raise FormatError(f"invalid sample key {key!r}{' in ' + where if where else ''}: "
+                          "use letters, digits, '_' and '-' only")
+    return key
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def image_shard_path(root: str, shard: str) -> str:
+    return os.path.join(root, IMAGE_DIR, shard + ".tar")
+
+
+def column_dir(root: str, column: str) -> str:
+    return os.path.join(root, COLUMN_DIR, column)
+
+
+def column_shard_path(root: str, column: str, shard: str) -> str:
+    return os.path.join(column_dir(root, column), shard + ".tar")
+
+
+def stats_path(tar_path: str) -> str:
+    """The commit marker beside a shard: `x.tar` -> `x.stats.json`."""
+    return tar_path[: -len(".tar")] + ".stats.json" if tar_path.endswith(".tar") else tar_path + ".stats.json"
+
+
+def is_committed(tar_path: str) -> bool:
+    return os.path.isfile(tar_path) and os.path.isfile(stats_path(tar_path))
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    n: int
+
+
+@dataclass
+class Manifest:
+    name: str
+    classes: List[str]
+    splits: Dict[str, List[ShardEntry]] = field(default_factory=dict)
+    source: Dict = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shards(self, split: str) -> List[ShardEntry]:
+        if split not in self.splits:
+            raise FormatError(f"split '{split}' not in the manifest (has: {', '.join(self.splits)})")
+        return self.splits[split]
+
+    def count(self, split: str) -> int:
+        return sum(s.n for s in self.shards(split))
+
+    def to_json(self) -> Dict:
+        d = asdict(self)
+        return {"format": d.pop("format"), "version": d.pop("version"), **d}
+
+
+def write_manifest(root: str, manifest: Manifest) -> str:
+    path = os.path.join(root, MANIFEST)
+    atomic_write_json(path, manifest.to_json())
+    return path
+
+
+def read_manifest(root: str) -> Manifest:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        raise FormatError(f"no dataset at {root}: {path} is missing (run the ingest first)")
+    try:
+        d = read_json(path)
+    except ValueError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if d.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: field 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+    if d.get("version") != FORMAT_VERSION:
+        raise FormatError(f"{path}: field 'version' is {d.get('version')!r}; this reader knows "
+                          f"version {FORMAT_VERSION}")
+    for k in ("name", "classes", "splits"):
+        if k not in d:
+            raise FormatError(f"{path}: required field '{k}' is missing")
+    splits = {}
+    for split, entries in d["splits"].items():
+        try:
+            splits[split] = [ShardEntry(name=e["name"], n=int(e["n"])) for e in entries]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: field 'splits.{split}' must be a list of {{name, n}}") from None
+    return Manifest(name=d["name"], classes=list(d["classes"]), splits=splits,
+                    source=d.get("source", {}))
+
+
+def read_column_info(root: str, column: str) -> Optional[Dict]:
+    path = os.path.join(column_dir(root, column), COLUMN_INFO)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def list_columns(root: str) -> List[str]:
+    base = os.path.join(root, COLUMN_DIR)
+    if not os.path.isdir(base):
+        return []
+    return sorted(c for c in os.listdir(base) if os.path.isdir(os.path.join(base, c)))

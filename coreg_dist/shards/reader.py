@@ -1,0 +1,203 @@
+"""Read shards, and join image shards with their column shards by key.
+
+A column shard must hold the same keys in the same order as its image shard; the join checks
+every key and fails loudly on the first mismatch (`KeyMismatchError`). Damage that loses
+samples but leaves the rest readable is reported and skipped, never silently dropped:
+a corrupt image is counted (with shard and key) and skipped, a truncated tar yields what it
+holds up to the damage and the error names the shard and the last good key.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from coreg_dist.shards.format import (IMAGE_EXTS, FormatError, Manifest, column_shard_path,
+                                      image_shard_path, is_committed, read_manifest)
+
+
+class KeyMismatchError(FormatError):
+    """A column shard whose keys do not line up with its image shard."""
+
+
+class ShardReadError(FormatError):
+    """A tar that cannot be read to its end (truncated or corrupt)."""
+
+    def __init__(self, path: str, last_key: Optional[str], cause: BaseException):
+        self.path, self.last_key, self.cause = path, last_key, cause
+        where = f"after key {last_key!r}" if last_key else "before the first sample"
+        super().__init__(f"{path}: unreadable {where} ({type(cause).__name__}: {cause})")
+
+
+class ErrorLog:
+    """Counts bad samples by kind; prints the first of each kind and then every `every`-th."""
+
+    def __init__(self, every: int = 100, stream=None, keep: int = 200):
+        self.every, self.keep = every, keep
+        self.stream = stream if stream is not None else sys.stderr
+        self.counts: Dict[str, int] = {}
+        self.examples: List[Dict[str, str]] = []
+
+    def report(self, kind: str, shard: str, key: Optional[str], message: str) -> None:
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        if len(self.examples) < self.keep:
+            self.examples.append({"kind": kind, "shard": shard, "key": key or "", "error": message})
+        if n == 1 or n % self.every == 0:
+            print(f"[{kind} #{n}] {shard} key={key}: {message}", file=self.stream, flush=True)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> Dict:
+        return {"counts": dict(self.counts), "examples": self.examples[:20]}
+
+
+def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """Yield (key, {field: bytes}) in file order, via webdataset's tar iterators.
+
+    Raises ShardReadError (naming the last good key) if the tar is truncated or corrupt.
+    """
+    if not os.path.isfile(path):
+        raise FormatError(f"shard not found: {path}")
+    last_key = None
+    url = os.path.basename(path)
+    complete = _has_end_marker(path)
+    with open(path, "rb") as stream:
+        def files():
+            for f in tar_file_iterator(stream):
+                f["__url__"] = url
+                yield f
+        try:
+            for sample in group_by_keys(files()):
+                key = sample.pop("__key__")
+                sample.pop("__url__", None)
+                last_key = key
+                yield key, sample
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise ShardReadError(path, last_key, exc) from None
+    if not complete:
+        # Python's tarfile stops quietly at a header cut short; the missing end-of-archive
+        # blocks are what tells a truncated shard from a complete one.
+        raise ShardReadError(path, last_key, EOFError("truncated: no end-of-archive marker"))
+
+
+def _has_end_marker(path: str) -> bool:
+    """A complete tar ends with (at least) two zero blocks of 512 bytes."""
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+def decode_field(name: str, data: bytes):
+    """npy -> ndarray, cls -> int, json -> object; anything else stays bytes."""
+    if name.endswith("npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if name == "cls":
+        return int(data.decode("utf-8").strip())
+    if name.endswith("json"):
+        import json
+        return json.loads(data.decode("utf-8"))
+    return data
+
+
+def image_field(fields: Dict[str, bytes]) -> Optional[str]:
+    for ext in IMAGE_EXTS:
+        if ext in fields:
+            return ext
+    return None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()                       # force the full decode here, so corruption surfaces now
+    return img
+
+
+def iter_joined(root: str, split: str, columns: Sequence[str] = (), *,
+                errors: Optional[ErrorLog] = None, decode_images: bool = True,
+                shards: Optional[Sequence[str]] = None,
+                manifest: Optional[Manifest] = None) -> Iterator[Dict]:
+    """Yield the samples of a split with their columns joined by key.
+
+    Each sample: {"key", "shard", "image" (PIL image, or bytes if not decode_images),
+    "cls" (int, -1 if unknown), <column>: {field: value}}.
+    """
+    manifest = manifest or read_manifest(root)
+    errors = errors or ErrorLog()
+    names = list(shards) if shards is not None else [s.name for s in manifest.shards(split)]
+    for shard in names:
+        img_path = image_shard_path(root, shard)
+        col_paths = {}
+        for col in columns:
+            p = column_shard_path(root, col, shard)
+            if not is_committed(p):
+                raise FormatError(f"column '{col}' has no committed shard for {shard}: {p} "
+                                  "(or its .stats.json) is missing; run the annotator for it")
+            col_paths[col] = p
+        yield from _join_shard(shard, img_path, col_paths, errors, decode_images)
+
+
+def _join_shard(shard: str, img_path: str, col_paths: Dict[str, str], errors: ErrorLog,
+                decode_images: bool) -> Iterator[Dict]:
+    col_iters = {c: iter_tar(p) for c, p in col_paths.items()}
+    images = iter_tar(img_path)
+    position = 0
+    while True:
+        try:
+            item = next(images, None)
+        except ShardReadError as exc:
+            errors.report("truncated_shard", shard, exc.last_key, str(exc))
+            return
+        col_items = {}
+        for col, it in col_iters.items():
+            try:
+                col_items[col] = next(it, None)
+            except ShardReadError as exc:
+                errors.report("truncated_shard", shard, exc.last_key, str(exc))
+                return
+        if item is None:
+            extra = [c for c, v in col_items.items() if v is not None]
+            if extra:
+                raise KeyMismatchError(f"column shard {col_paths[extra[0]]} has more samples than "
+                                       f"{img_path} (extra key {col_items[extra[0]][0]!r} at "
+                                       f"position {position})")
+            return
+        key, fields = item
+        sample = {"key": key, "shard": shard, "cls": -1}
+        for col, citem in col_items.items():
+            if citem is None or citem[0] != key:
+                got = None if citem is None else citem[0]
+                raise KeyMismatchError(f"key mismatch at position {position} of shard {shard}: "
+                                       f"{img_path} has {key!r}, {col_paths[col]} has {got!r}")
+            sample[col] = {n: decode_field(n, b) for n, b in citem[1].items()}
+        position += 1
+        if "cls" in fields:
+            try:
+                sample["cls"] = decode_field("cls", fields["cls"])
+            except ValueError as exc:
+                errors.report("bad_label", shard, key, f"cls field: {exc}")
+        ext = image_field(fields)
+        if ext is None:
+            errors.report("missing_image", shard, key, f"no image field among {sorted(fields)}")
+            continue
+        if decode_images:
+            try:
+                sample["image"] = decode_image(fields[ext])
+            except Exception as exc:  # PIL raises many types for damaged bytes
+                errors.report("corrupt_image", shard, key, f"{ext}: {type(exc).__name__}: {exc}")
+                continue
+        else:
+            sample["image"] = fields[ext]
+        sample["image_ext"] = ext
+        yield sample
