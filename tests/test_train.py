@@ -70,6 +70,18 @@ def test_every_switch_off_still_completes(dataset, tmp_path):
     assert "test_acc_ensemble" not in report and 0 <= report["test_acc"] <= 1
 
 
+def test_few_shot_samples_forced_into_p(dataset, tmp_path):
+    out = str(tmp_path / "few")
+    train(cfg_for(dataset, out, "coreg.few_shot=2", "train.epochs=2"), "cpu")
+    ck = os.path.join(out, "checkpoints", "epoch_0001")
+    state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)["method_state"]
+    few = state["few_shot_idx"]
+    assert len(few) == 8                     # 2 per class, 4 classes
+    w = np.concatenate([np.load(os.path.join(ck, "samples", f"train-00000{i}.npz"))["w0"]
+                        for i in range(3)])
+    assert (w[few] == 1.0).all()
+
+
 def test_pce_baseline(dataset, tmp_path):
     report = train(cfg_for(dataset, str(tmp_path / "pce"), "train.method=pce"), "cpu")
     assert report["method"] == "pce" and "test_acc_net1" in report

@@ -19,18 +19,21 @@ from coreg_dist.runtime import parse_args, setup_process
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from annotate.cli import annotate_clip, build_embedded
     from coreg_dist.data.ingest import ingest
+    from train.trainer import train
 
     cfg, _ = parse_args(argv, "coreg-pipeline")
     device = setup_process(cfg)
     save_config(cfg, cfg.run.out_dir)
     t0 = time.time()
     stage = lambda name: print(f"\n== {name} ({time.time() - t0:.0f}s) ==", flush=True)
-    stage("1/3 ingest")
+    stage("1/4 ingest")
     ingest(cfg)
-    stage("2/3 embedded annotator")
+    stage("2/4 embedded annotator")
     build_embedded(cfg, device)
-    stage("3/3 annotate")
+    stage("3/4 annotate")
     annotate_clip(cfg, device)
+    stage(f"4/4 train {cfg.train.method}")
+    train(cfg, device)
     print(f"pipeline done in {time.time() - t0:.0f}s; run directory: {cfg.run.out_dir}")
     return 0
 
