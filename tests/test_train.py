@@ -70,6 +70,12 @@ def test_every_switch_off_still_completes(dataset, tmp_path):
     assert "test_acc_ensemble" not in report and 0 <= report["test_acc"] <= 1
 
 
+@pytest.mark.parametrize("switch", ALL_OFF)
+def test_each_switch_off_alone_completes(dataset, tmp_path, switch):
+    report = train(cfg_for(dataset, str(tmp_path / "one"), switch, "train.epochs=3"), "cpu")
+    assert 0 <= report["test_acc"] <= 1
+
+
 def test_few_shot_samples_forced_into_p(dataset, tmp_path):
     out = str(tmp_path / "few")
     train(cfg_for(dataset, out, "coreg.few_shot=2", "train.epochs=2"), "cpu")
