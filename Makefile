@@ -9,7 +9,7 @@ FMNIST_DIR = /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-data demo demo-pce test test-all clean-demo
+.PHONY: setup setup-data demo demo-pce test test-all bench clean-demo
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -37,3 +37,7 @@ clean-demo:
 # The baseline the demo is compared with: the same backbone trained with partial CE only.
 demo-pce: setup setup-data
 	HF_HUB_OFFLINE=1 coreg-train --config $(CONFIG) train.method=pce run.out_dir=runs/demo-pce
+
+# Benchmarks print what they measured and on what (not run by the tests).
+bench: setup
+	$(PYTHON) bench/train_step.py --threads 2
