@@ -115,3 +115,8 @@ def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
 def test_unknown_method_names_key(dataset, tmp_path):
     with pytest.raises(ValueError, match="train.method"):
         train(cfg_for(dataset, str(tmp_path / "x"), "train.method=nope"), "cpu")
+
+
+def test_registry_lists_builtin_methods_without_building_one():
+    from coreg_dist.methods import list_methods
+    assert {"coreg", "pce"} <= set(list_methods())

@@ -38,13 +38,18 @@ def register_method(name: str):
     return deco
 
 
+def _register_builtin_methods() -> None:
+    # Imported here, not at module top: the method modules import this one.
+    from coreg_dist.methods import coreg, pce  # noqa: F401  (registration side effect)
+
+
 def list_methods() -> List[str]:
+    _register_builtin_methods()
     return sorted(_METHODS)
 
 
 def build_method(name: str, cfg, data_info: "DataInfo", device: str) -> "Method":
-    from coreg_dist.methods import coreg, pce  # noqa: F401  (registration side effect)
-
+    _register_builtin_methods()
     if name not in _METHODS:
         raise ValueError(f"config key 'train.method': unknown method {name!r}; "
                          f"known: {', '.join(list_methods())}")
