@@ -79,7 +79,7 @@ def test_write_report_coreg(tmp_path):
         assert s in table, (s, table)
     assert table == format_table(report)
     assert all(row.count("|") == 3 for row in table.splitlines())   # no stray pipes in cells
-    assert "Test acc |" not in table                 # single-network key absent: no row
+    assert "Test acc (the method" not in table                 # single-network key absent: no row
 
     md = open(os.path.join(run, "report.md")).read()
     assert md.startswith("# coreg - fashion_mnist")
@@ -106,7 +106,7 @@ def test_write_report_pce_skips_absent_plots(tmp_path):
     assert_png(os.path.join(run, "plots", "losses.png"))   # nested {"loss": {...}} -> loss/pce
     assert not os.path.exists(os.path.join(run, "plots", "partition.png"))
     assert not os.path.exists(os.path.join(run, "plots", "confusion.png"))
-    assert "| Test acc | 70.00% |" in table and "1h 02m 05s" in table
+    assert "| Test acc (the method's prediction) | 70.00% |" in table and "1h 02m 05s" in table
     assert "net1" not in table
     md = open(os.path.join(run, "report.md")).read()
     assert "partition.png" not in md and "confusion.png" not in md

@@ -37,14 +37,15 @@ PLOT_FILES = ("accuracy.png", "partition.png", "losses.png", "confusion.png")
 
 # (key, label, kind) for the table; kind: pct | cand | int | seconds
 TABLE_ROWS = (
-    ("annotator_zero_shot_acc", "Annotator zero-shot acc", "pct"),
-    ("annotator_template_avg_acc", "Annotator template-avg acc", "pct"),
-    ("avg_candidates", "Avg candidates per image", "cand"),
-    ("eta", "eta (true label not in S)", "pct"),
+    # The annotator is judged on the learner's test images; |S| and eta describe the training pool.
+    ("annotator_zero_shot_acc", "Annotator zero-shot acc (test)", "pct"),
+    ("annotator_template_avg_acc", "Annotator template-avg acc (test)", "pct"),
+    ("avg_candidates", "Avg candidates per image (train pool)", "cand"),
+    ("eta", "eta, true label not in S (train pool)", "pct"),
     ("test_acc_net1", "Test acc net1", "pct"),
     ("test_acc_net2", "Test acc net2", "pct"),
     ("test_acc_ensemble", "Test acc ensemble", "pct"),
-    ("test_acc", "Test acc", "pct"),
+    ("test_acc", "Test acc (the method's prediction)", "pct"),
     ("epochs", "Epochs", "int"),
     ("seconds", "Time", "seconds"),
 )

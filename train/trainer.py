@@ -26,7 +26,7 @@ from coreg_dist.shards.reader import ErrorLog
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data import Pool, load_pool
 from train.metrics_log import MetricsLogger
-from train.report import format_table, write_report
+from train.report import format_gain, write_report
 
 # Classes whose mirror image is another class (digits, text): no horizontal flips.
 NO_FLIP_DATASETS = ("mnist", "svhn", "digits")
@@ -189,6 +189,9 @@ def train(cfg: Config, device: str) -> Dict:
     np.add.at(confusion, (test.true, result["pred"]), 1)
     table = write_report(run_dir, report, log.history(), confusion, manifest.classes)
     print(table, flush=True)
+    gain = format_gain(report)
+    if gain:
+        print(gain.replace("**", ""), flush=True)
     return report
 
 
