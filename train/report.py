@@ -117,7 +117,9 @@ def final_test_acc(report: Dict[str, Any]) -> Optional[tuple]:
     return None
 
 
-def format_gain(report: Dict[str, Any]) -> Optional[str]:
+def format_gain(report: Dict[str, Any], emphasis: str = "**") -> Optional[str]:
+    """One sentence on the gain over zero-shot; `emphasis` wraps the number (markdown bold by default,
+    "" for a terminal)."""
     final = final_test_acc(report)
     zs = _num(report.get("annotator_zero_shot_acc"))
     if final is None or zs is None:
@@ -125,7 +127,7 @@ def format_gain(report: Dict[str, Any]) -> Optional[str]:
     key, v = final
     gain = _as_pct(v) - _as_pct(zs)
     return (f"Gain of the test accuracy (`{key}`, {_as_pct(v):.2f}%) over the annotator's "
-            f"zero-shot accuracy ({_as_pct(zs):.2f}%): **{gain:+.2f} points**.")
+            f"zero-shot accuracy ({_as_pct(zs):.2f}%): {emphasis}{gain:+.2f} points{emphasis}.")
 
 
 def _dataset_name(report: Dict[str, Any]) -> Optional[str]:

@@ -189,9 +189,9 @@ def train(cfg: Config, device: str) -> Dict:
     np.add.at(confusion, (test.true, result["pred"]), 1)
     table = write_report(run_dir, report, log.history(), confusion, manifest.classes)
     print(table, flush=True)
-    gain = format_gain(report)
+    gain = format_gain(report, emphasis="")
     if gain:
-        print(gain.replace("**", ""), flush=True)
+        print(gain, flush=True)
     return report
 
 
