@@ -2,8 +2,10 @@
 
     cfg = load_config("configs/demo.yaml", ["train.epochs=3", "coreg.mixup=false"])
 
-Each component owns one dataclass; `Config` composes them. A YAML preset is merged
-over the dataclass defaults, then `key=value` overrides over that. Because the
+Each component owns one dataclass; `Config` composes them, and every registered method adds
+its own section (`coreg`, ...) from the dataclass it registered with (coreg_dist/methods/):
+adding a method edits no list here. YAML presets are merged over the defaults in the order
+given (`--config a.yaml --config b.yaml`), then `key=value` overrides over that. Because the
 schema is structured, an unknown key, a value of the wrong type or a missing
 required value (`???`) stops the run with a `ConfigError` that names the key.
 The resolved tree is saved in every run directory (`save_config`).
@@ -12,9 +14,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 # The 27 prompt templates of the authors' code (no trailing period); each one is an annotator.
@@ -35,7 +37,8 @@ class RunConfig:
     out_dir: str = "runs/default"     # run directory: config, logs, checkpoints, reports
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    threads: int = 0                  # torch intra-op threads on CPU; 0 = torch's default
+    threads: int = 0                  # torch intra-op threads on CPU (shared by the ranks of one
+                                      # machine); 0 = torch's default
 
 
 @dataclass
@@ -50,6 +53,20 @@ class DataConfig:
     train_pool: int = 0               # size of the training pool; 0 = everything left
     test_size: int = 0                # 0 = the source's own test set (or 10% of a folder/wds source)
     image_format: str = "png"         # encoding for sources that give raw pixels (IDX)
+    # --- training-time reading (coreg_dist/data/stream.py) ---
+    shard_url: str = ""               # where shards are opened: "" = files under data.root; else a template
+                                      # with {path} (relative to the dataset root) that webdataset's gopen
+                                      # opens, e.g. "pipe:aws s3 cp s3://bucket/fmnist/{path} -" or
+                                      # "https://host/fmnist/{path}"; manifest and column.json stay in data.root
+    image_size: int = 0               # training resolution (size x size); 0 = the first training image's
+    channels: int = 0                 # 1 or 3; 0 = from the first training image's mode
+    resize: str = "center_crop"       # center_crop | stretch | pad: how any image size becomes image_size
+    interpolation: str = "bilinear"   # nearest | bilinear | bicubic | lanczos | box
+    streams: int = 0                  # logical data streams; the sample order of an epoch depends on this
+                                      # (and the seed), not on the number of ranks: 0 = world x max(1, workers)
+    num_workers: int = 0              # DataLoader worker processes per rank (decode in parallel)
+    shuffle_buffer: int = 1000        # samples (as bytes) each stream's shuffle buffer holds
+    prefetch: int = 4                 # chunks each worker prepares ahead
 
 
 @dataclass
@@ -106,48 +123,8 @@ class ModelConfig:
     proj_dim: int = 128
     channels_last: bool = False
     bf16: bool = False                # bf16 autocast for forward passes
-
-
-@dataclass
-class CoRegConfig:
-    """Every Co-Reg component, switchable for the paper's ablations. Defaults follow the authors' code."""
-    warm_up: int = 10                 # epochs of partial-CE warm-up
-    warmup_neg_entropy: bool = True
-    # co-divide
-    co_divide: bool = True            # false: every sample is P with w = 1
-    distribution_alignment: bool = True
-    minmax_normalize: bool = True
-    loss_history: int = 5             # epochs of division loss averaged
-    gmm_max_iter: int = 10
-    gmm_tol: float = 1e-2
-    gmm_reg_covar: float = 5e-4
-    p_threshold: float = 0.5
-    cross_use: bool = True            # false: each network trains on its own split
-    # co-pseudo-labels
-    co_pseudo_label: bool = True      # false: targets from the network's own predictions only
-    refine_labeled: bool = True
-    co_guess_unlabeled: bool = True
-    sharpen_temperature: float = 0.5
-    use_unlabeled: bool = True        # false: discard U (ablation)
-    # label space
-    mixup: bool = True
-    mixup_alpha: float = 4.0
-    lambda_u: float = 1.0
-    rampup_epochs: int = 16
-    # feature space
-    feature_start: int = 10           # feature terms back-propagated after warm_up + this many epochs
-    prototypes: bool = True
-    proto_weight: float = 0.1
-    proto_temperature: float = 0.3
-    proto_momentum: float = 0.999
-    contrastive: bool = True
-    noisy_contrastive: bool = True    # false: plain SupCon masks (ablation)
-    cont_weight: float = 0.1
-    cont_temperature: float = 0.07
-    queue_size: int = 8192
-    moco_momentum: float = 0.999
-    ensemble: bool = True             # predict with logits_1 + logits_2
-    few_shot: int = 0                 # clean labels per class, forced into P with w = 1
+    sync_bn: bool = False             # BatchNorm over the global batch in multi-rank runs (world-size
+                                      # invariant training; an all-reduce per BN layer and forward)
 
 
 @dataclass
@@ -161,15 +138,30 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_period: int = 800              # cosine period in epochs ([C] 800 whatever the run); 0 = the run length
     lr_min_ratio: float = 1e-3
-    max_train_samples: int = 0        # 0 = the whole training pool
+    max_train_samples: int = 0        # 0 = the whole pool; else keep each sample with probability
+                                      # max/N by a hash of (seed, key): about this many, world-size invariant
     crop_pad: int = 4                 # weak augmentation: random crop with this much padding
+    flip: bool = True                 # horizontal flips (off for classes whose mirror image is another class)
     cutout: int = -1                  # strong augmentation: Cutout side; -1 = image_size // 2, 0 = off
     randaug_ops: int = 1              # strong augmentation: RandAugment ops per image
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024       # per-rank batch of the sweeps (co-divide, evaluation)
+    grad_clip: float = 0.0            # clip each network's gradient norm to this (0 = off)
+    checkpoint_every: int = 0         # also checkpoint every this many optimizer steps (0 = per epoch only)
+    keep_checkpoints: int = 2         # how many complete checkpoints to keep
     resume: str = ""                  # "" | latest | path to a checkpoint
     log_every: int = 20               # steps between progress-bar postfix updates
     deterministic: bool = True
     stop_after_steps: int = 0         # testing aid: stop (as if killed) after this many global steps
+    few_shot: int = 0                 # [D] clean labels per class (from the image shards' cls): S = {label},
+                                      # and Co-Reg keeps them in P with w = 1
+    log_keys: bool = False            # testing aid: write the keys of every step to RUN/keys/rank_R.txt
+
+
+@dataclass
+class DistConfig:
+    """Multi-process runs (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing to set for one process)."""
+    backend: str = "auto"             # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: int = 600              # a collective that waits longer than this fails the run
 
 
 @dataclass
@@ -180,8 +172,8 @@ class Config:
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    coreg: CoRegConfig = field(default_factory=CoRegConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 class ConfigError(ValueError):
@@ -195,21 +187,33 @@ def _explain(exc: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{prefix} ({where}): {msg}")
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
-                required: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML preset <- `key=value` overrides, validated against the schema.
+def schema():
+    """The structured defaults: the fixed sections plus one section per registered method."""
+    from coreg_dist.methods.registry import method_config_sections
 
-    `required`: dotted keys this command cannot run without (empty string or list = missing),
-    on top of any `???` in the schema.
-    """
     cfg = OmegaConf.structured(Config)
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+    with open_dict(cfg):
+        for name, section in method_config_sections().items():
+            cfg[name] = OmegaConf.structured(section)
+    return cfg
+
+
+def load_config(path: Union[None, str, Sequence[str]] = None, overrides: Sequence[str] = (),
+                required: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML preset(s) <- `key=value` overrides, validated against the schema.
+
+    `path`: one YAML file or several, merged in order. `required`: dotted keys this command
+    cannot run without (empty string or list = missing), on top of any `???` in the schema.
+    """
+    cfg = schema()
+    paths = [path] if isinstance(path, str) else list(path or [])
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ConfigError(f"config file not found: {p}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
         except OmegaConfBaseException as exc:
-            raise _explain(exc, path) from None
+            raise _explain(exc, p) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -216,7 +216,8 @@ def co_guess_unlabeled(probs_A_views: Views, probs_B_views: Views, T: float = 0.
 def mixup(inputs: Tensor, targets: Tensor, alpha: float = 4.0,
           generator: Optional[torch.Generator] = None,
           rng: Optional[np.random.Generator] = None,
-          lam: Optional[float] = None) -> Tuple[Tensor, Tensor, float, Tensor]:
+          lam: Optional[float] = None,
+          perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, float, Tensor]:
     """MixUp over the whole concatenated batch [C].
 
     ``l ~ Beta(alpha, alpha)``, ``l = max(l, 1 - l)``; one permutation ``perm``
@@ -228,7 +229,8 @@ def mixup(inputs: Tensor, targets: Tensor, alpha: float = 4.0,
     is None, as in the authors' code), and ``perm`` from the torch Generator
     ``generator`` (``torch.randperm(N, generator=generator)`` on the generator's
     device, then moved to the inputs' device). ``lam`` overrides the draw
-    (it is still folded to ``max(lam, 1-lam)``).
+    (it is still folded to ``max(lam, 1-lam)``); ``perm`` overrides the permutation (the
+    trainer's per-stream MixUp builds one that mixes rows within each data stream).
 
     Returns ``(mixed_inputs (N, ...), mixed_targets (N, C), l: float, perm (N,) long)``;
     ``l`` and ``perm`` let the caller mix anything else (e.g. per-row weights).
@@ -237,8 +239,10 @@ def mixup(inputs: Tensor, targets: Tensor, alpha: float = 4.0,
         lam = float(rng.beta(alpha, alpha)) if rng is not None else float(np.random.beta(alpha, alpha))
     lam = max(float(lam), 1.0 - float(lam))
     n = inputs.shape[0]
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(n, generator=generator, device=gdev).to(inputs.device)
+    if perm is None:
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        perm = torch.randperm(n, generator=generator, device=gdev)
+    perm = perm.to(inputs.device)
     mixed_inputs = lam * inputs + (1.0 - lam) * inputs[perm]
     tperm = perm.to(targets.device)
     mixed_targets = lam * targets + (1.0 - lam) * targets[tperm]
@@ -355,7 +359,8 @@ def update_prototypes(prototypes: Tensor, z: Tensor, targets: Tensor, m: float =
 
 
 def contrastive_masks(labels_anchor: Tensor, is_p_anchor: Tensor, labels_all: Tensor,
-                      is_p_all: Tensor, n_query: int, noisy: bool = True) -> Tuple[Tensor, Tensor]:
+                      is_p_all: Tensor, n_query: int, noisy: bool = True,
+                      anchor_idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Positive / valid masks for the (noisy) supervised contrastive loss [P][C].
 
     Contrast set layout: ``[queries (B), keys (B), queue (Q)]`` so ``N = 2B + Q``
@@ -372,7 +377,10 @@ def contrastive_masks(labels_anchor: Tensor, is_p_anchor: Tensor, labels_all: Te
     ``noisy=False``: plain SupCon - same label = positive, different = negative,
     own key positive, self excluded.
 
-    Returns ``(pos_mask, valid_mask)``, both bool (B, N); valid = positives +
+    ``anchor_idx`` (distributed runs): the anchors are only the queries at these positions
+    (this rank's rows of the gathered global batch); default all B queries.
+
+    Returns ``(pos_mask, valid_mask)``, both bool (A, N) for A anchors; valid = positives +
     negatives (the softmax denominator), ``pos_mask <= valid_mask``.
     """
     B = int(n_query)
@@ -380,12 +388,14 @@ def contrastive_masks(labels_anchor: Tensor, is_p_anchor: Tensor, labels_all: Te
     lall = _hard_labels(labels_all).to(la.device)
     N = lall.shape[0]
     dev = la.device
+    idx = torch.arange(B, device=dev) if anchor_idx is None else anchor_idx.to(dev)
+    A = idx.shape[0]
     same = la.view(-1, 1) == lall.view(1, -1)
-    idx = torch.arange(B, device=dev)
-    self_m = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    self_m[idx, idx] = True
-    own_key = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    own_key[idx, B + idx] = True
+    rows = torch.arange(A, device=dev)
+    self_m = torch.zeros(A, N, dtype=torch.bool, device=dev)
+    self_m[rows, idx] = True
+    own_key = torch.zeros(A, N, dtype=torch.bool, device=dev)
+    own_key[rows, B + idx] = True
     if noisy:
         pa = (is_p_anchor != 0).to(dev).reshape(-1, 1)
         pj = (is_p_all != 0).to(dev).reshape(1, -1)
@@ -403,7 +413,8 @@ def contrastive_masks(labels_anchor: Tensor, is_p_anchor: Tensor, labels_all: Te
 
 def noisy_supcon_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor], labels_q: Tensor,
                       is_p_q: Tensor, queue_labels: Optional[Tensor], queue_is_p: Optional[Tensor],
-                      T: float = 0.07, noisy: bool = True) -> Tensor:
+                      T: float = 0.07, noisy: bool = True,
+                      anchor_idx: Optional[Tensor] = None) -> Tensor:
     """Noisy supervised contrastive loss (MoCo form) [P][C].
 
     Features are L2-normalised; contrast set ``F = [q; k; queue]`` (N = 2B + Q);
@@ -415,6 +426,10 @@ def noisy_supcon_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor], label
     averaged over the B anchors (every anchor has >= 1 positive, its own key).
     Row maxima are subtracted (detached) for stability. ``k`` and the queue are
     used as given (the caller produces them without grad). Scalar.
+
+    ``anchor_idx``: in a distributed run ``q``/``k`` are the gathered global batch (queries
+    with their gradient) and only this rank's rows are anchors; the mean is over them, so the
+    ranks' average is the global mean, and the contrast set is the one a single device has.
     """
     Bq = q.shape[0]
     D = q.shape[1]
@@ -434,8 +449,14 @@ def noisy_supcon_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor], label
                        F.normalize(queue_feats.to(device=q.device, dtype=q.dtype), dim=1)], dim=0)
     labels_all = torch.cat([lq, lq, lqueue])
     is_p_all = torch.cat([pq, pq, pqueue])
-    pos, valid = contrastive_masks(lq, pq, labels_all, is_p_all, Bq, noisy=noisy)
-    logits = qn @ feats.t() / T
+    if anchor_idx is not None:
+        anchor_idx = anchor_idx.to(q.device)
+        qa, la, pa = qn[anchor_idx], lq[anchor_idx], pq[anchor_idx]
+    else:
+        qa, la, pa = qn, lq, pq
+    pos, valid = contrastive_masks(la, pa, labels_all, is_p_all, Bq, noisy=noisy,
+                                   anchor_idx=anchor_idx)
+    logits = qa @ feats.t() / T
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()
     log_denom = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
     log_prob = logits - log_denom

@@ -15,9 +15,11 @@ from coreg_dist.config import Config, ConfigError, load_config
 def parse_args(argv: Optional[Sequence[str]], description: str,
                parser: Optional[argparse.ArgumentParser] = None,
                required: Sequence[str] = ()) -> Tuple[Config, argparse.Namespace]:
-    """`--config FILE` plus `key=value` overrides; a config error exits with its message."""
+    """`--config FILE` (repeatable: merged in order) plus `key=value` overrides; a config error
+    exits with its message."""
     parser = parser or argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML preset (see configs/)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML preset (see configs/); repeat to merge several in order")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     try:
@@ -44,7 +46,9 @@ def setup_process(cfg: Config) -> str:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+        # run.threads is for the whole machine: ranks that torchrun starts on it share them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, cfg.run.threads // max(1, local)))
     # Subnormal floats make small CPU models crawl (measured: 30-80 img/s instead of thousands
     # for the embedded CLIP); flushing them to zero changes no result we can measure.
     torch.set_flush_denormal(True)

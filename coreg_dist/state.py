@@ -1,120 +1,173 @@
-"""Per-sample training state, keyed by sample key and kept per shard.
+"""Per-sample training state, kept per shard on disk, keyed by sample key, versioned per epoch.
 
-Co-Reg remembers things about every training sample across epochs: each network's division
-loss history, its GMM weight w and its candidate-masked prediction. The published code keeps
-these as N x C tensors indexed by position; here they live in one small table per shard,
-saved as `<shard>.npz` together with the shard's keys, so that
+Co-Reg remembers things about every training sample across epochs: each network's GMM weight
+w, its division-loss history and its candidate-masked prediction. The published code keeps N x C
+tensors indexed by position. Here:
 
-  * a resumed run re-attaches every row to its sample by key (a reordered or edited shard
-    is detected, not silently misread);
-  * a rank in a multi-node run only ever holds the shards it reads: nothing global of size
-    N x C exists, and the same files can live beside the image shards as a column.
+  * state lives in one file per image shard, `RUN/state/vNNNNN/<shard>.npz`, holding the shard's
+    member keys (`__keys__`), their candidate counts (`__ncand__`) and one array per field;
+  * a prediction masked to the candidate set is stored *per candidate* (`per_candidate=True`):
+    a flat array of sum_i |S_i| values in candidate order, so the state grows with the candidate
+    sets, never with the class count (1e9 images x 21k classes x 4 B would be 84 TB);
+  * a rank only ever holds the shards it is reading (one file at a time per stream), so memory
+    is bounded by the shard size, not by N;
+  * every co-divide writes a new version from the previous one; `index.json`, written last by
+    rank 0 once every rank has written its shards, is the version's commit marker and lists
+    per-shard counts (members, |P| per network, ...). Checkpoints name the version they need,
+    so a run killed while a version is half written resumes from the complete one before it.
 
-Within a process, rows are addressed by a global index (the position in the concatenation
-of this process's shards); `gather`/`scatter` translate that to (shard, row).
+The files have the shape of a label column (one per image shard, keyed), so they could live
+beside the image shards.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from coreg_dist.io import atomic_path
+from coreg_dist.io import atomic_path, atomic_write_json, read_json
+
+INDEX = "index.json"
+_VDIR = re.compile(r"^v(\d{5})$")
 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    shape: Tuple[int, ...]      # per-sample shape, () for a scalar
-    dtype: str
+    shape: Tuple[int, ...] = ()     # per-sample shape, () for a scalar (ignored if per_candidate)
+    dtype: str = "float32"
     fill: float = 0.0
+    per_candidate: bool = False     # one value per candidate class, in candidate (sorted) order
 
 
-class SampleState:
-    def __init__(self, fields: Dict[str, FieldSpec]):
+class ShardState:
+    """The state rows of one shard: member keys, candidate counts, one array per field."""
+
+    def __init__(self, shard: str, keys: Sequence[str], ncand: Sequence[int],
+                 fields: Dict[str, FieldSpec], arrays: Optional[Dict[str, np.ndarray]] = None):
+        self.shard = shard
+        self.keys = np.asarray(list(keys), dtype=str)
+        self.ncand = np.asarray(ncand, dtype=np.int32)
+        if len(self.keys) != len(self.ncand):
+            raise ValueError(f"state of {shard}: {len(self.keys)} keys but {len(self.ncand)} counts")
+        self.ptr = np.concatenate([[0], np.cumsum(self.ncand, dtype=np.int64)])
         self.fields = dict(fields)
-        self.shards: List[str] = []
-        self.keys: Dict[str, np.ndarray] = {}
-        self.tables: Dict[str, Dict[str, np.ndarray]] = {}
-        self.offsets = np.zeros(1, dtype=np.int64)
-
-    # ------------------------------------------------------------------ layout
-    def add_shard(self, shard: str, keys: Sequence[str]) -> None:
-        if shard in self.tables:
-            raise ValueError(f"shard {shard} added twice")
-        n = len(keys)
-        self.shards.append(shard)
-        self.keys[shard] = np.asarray(keys)
-        self.tables[shard] = {name: np.full((n,) + spec.shape, spec.fill, dtype=spec.dtype)
-                              for name, spec in self.fields.items()}
-        self.offsets = np.append(self.offsets, self.offsets[-1] + n)
+        self.arrays: Dict[str, np.ndarray] = {}
+        for name, spec in self.fields.items():
+            if arrays is not None and name in arrays:
+                self.arrays[name] = np.asarray(arrays[name], dtype=spec.dtype)
+            else:
+                self.arrays[name] = np.full(self._shape(spec), spec.fill, dtype=spec.dtype)
+        self._row: Optional[Dict[str, int]] = None
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.keys)
 
-    def _locate(self, gidx: np.ndarray):
-        gidx = np.asarray(gidx, dtype=np.int64)
-        s = np.searchsorted(self.offsets, gidx, side="right") - 1
-        return s, gidx - self.offsets[s]
+    def _shape(self, spec: FieldSpec) -> Tuple[int, ...]:
+        return (int(self.ptr[-1]),) if spec.per_candidate else (len(self.keys),) + tuple(spec.shape)
 
-    # ------------------------------------------------------------------ access
-    def gather(self, name: str, gidx) -> np.ndarray:
-        gidx = np.asarray(gidx, dtype=np.int64)
-        spec = self.fields[name]
-        out = np.empty((len(gidx),) + spec.shape, dtype=spec.dtype)
-        s, r = self._locate(gidx)
-        for si in np.unique(s):
-            m = s == si
-            out[m] = self.tables[self.shards[si]][name][r[m]]
+    def rows(self, keys: Iterable[str]) -> np.ndarray:
+        """Row of each key, -1 for a key that is not a member."""
+        if self._row is None:
+            self._row = {k: i for i, k in enumerate(self.keys.tolist())}
+        return np.asarray([self._row.get(k, -1) for k in keys], dtype=np.int64)
+
+    # ------------------------------------------------------------------ per-candidate fields
+    def _flat_index(self, rows: np.ndarray) -> np.ndarray:
+        starts, counts = self.ptr[rows], self.ncand[rows]
+        return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+    def get_candidates(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Concatenated per-candidate values of `rows` (in row order)."""
+        return self.arrays[name][self._flat_index(np.asarray(rows, dtype=np.int64))]
+
+    def set_candidates(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        idx = self._flat_index(rows)
+        if len(idx) != len(values):
+            raise ValueError(f"state of {self.shard}: field '{name}' needs {len(idx)} candidate values "
+                             f"for {len(rows)} samples, got {len(values)}")
+        self.arrays[name][idx] = values
+
+    def dense(self, name: str, rows: np.ndarray, cands: Sequence[np.ndarray], num_classes: int,
+              fill: float = 0.0) -> np.ndarray:
+        """(len(rows), C) float32 with the per-candidate values scattered to their classes."""
+        out = np.full((len(rows), num_classes), fill, dtype=np.float32)
+        for i, (r, c) in enumerate(zip(rows, cands)):
+            out[i, c] = self.arrays[name][self.ptr[r]:self.ptr[r + 1]]
         return out
 
-    def scatter(self, name: str, gidx, values) -> None:
-        gidx = np.asarray(gidx, dtype=np.int64)
-        values = np.asarray(values)
-        s, r = self._locate(gidx)
-        for si in np.unique(s):
-            m = s == si
-            self.tables[self.shards[si]][name][r[m]] = values[m] if values.ndim else values
-
-    def all(self, name: str) -> np.ndarray:
-        """Concatenation over this process's shards (a local slice, never a global table)."""
-        return np.concatenate([self.tables[s][name] for s in self.shards]) if self.shards else \
-            np.zeros((0,) + self.fields[name].shape, dtype=self.fields[name].dtype)
-
-    def set_all(self, name: str, values: np.ndarray) -> None:
-        for i, s in enumerate(self.shards):
-            self.tables[s][name][...] = values[self.offsets[i]:self.offsets[i + 1]]
-
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        for shard in self.shards:
-            with atomic_path(os.path.join(folder, shard + ".npz")) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, __keys__=self.keys[shard], **self.tables[shard])
+    def save(self, path: str) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, __keys__=self.keys, __ncand__=self.ncand, **self.arrays)
 
-    def load(self, folder: str) -> None:
-        """Re-attach saved rows by key; every shard of this state must be present."""
-        for shard in self.shards:
-            path = os.path.join(folder, shard + ".npz")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"per-sample state for shard {shard} missing: {path}")
-            with np.load(path, allow_pickle=False) as z:
-                saved_keys = z["__keys__"]
-                mine = self.keys[shard]
-                if len(saved_keys) != len(mine) or not np.array_equal(saved_keys, mine):
-                    # Same samples in another order (or a subset): map by key.
-                    where = {k: i for i, k in enumerate(saved_keys.tolist())}
-                    missing = [k for k in mine.tolist() if k not in where]
-                    if missing:
-                        raise ValueError(f"{path}: no saved state for key {missing[0]!r} "
-                                         f"({len(missing)} keys missing)")
-                    order = np.array([where[k] for k in mine.tolist()], dtype=np.int64)
-                else:
-                    order = None
-                for name in self.fields:
-                    if name not in z.files:
-                        raise ValueError(f"{path}: field '{name}' missing")
-                    arr = z[name]
-                    self.tables[shard][name][...] = arr if order is None else arr[order]
+    @classmethod
+    def load(cls, path: str, fields: Dict[str, FieldSpec], shard: str = "") -> "ShardState":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"per-sample state missing: {path}")
+        with np.load(path, allow_pickle=False) as z:
+            missing = [n for n in fields if n not in z.files]
+            if missing:
+                raise ValueError(f"{path}: field '{missing[0]}' missing (fields: {sorted(z.files)})")
+            arrays = {n: z[n] for n in fields}
+            return cls(shard or os.path.basename(path)[:-4], z["__keys__"], z["__ncand__"],
+                       fields, arrays)
+
+    def with_fields(self, fields: Dict[str, FieldSpec]) -> "ShardState":
+        """The same members with another field set: kept fields are copied, new ones filled."""
+        keep = {n: a for n, a in self.arrays.items() if n in fields}
+        return ShardState(self.shard, self.keys, self.ncand, fields, keep)
+
+
+class StateStore:
+    """The versioned per-shard state of a run: RUN/state/vNNNNN/<shard>.npz + index.json."""
+
+    def __init__(self, run_dir: str, fields: Dict[str, FieldSpec]):
+        self.root = os.path.join(run_dir, "state")
+        self.fields = dict(fields)
+
+    def vdir(self, version: int) -> str:
+        return os.path.join(self.root, f"v{version:05d}")
+
+    def path(self, version: int, shard: str) -> str:
+        return os.path.join(self.vdir(version), shard + ".npz")
+
+    def read(self, version: int, shard: str, fields: Optional[Dict[str, FieldSpec]] = None) -> ShardState:
+        return ShardState.load(self.path(version, shard), fields or self.fields, shard)
+
+    def write(self, version: int, state: ShardState) -> None:
+        os.makedirs(self.vdir(version), exist_ok=True)
+        state.save(self.path(version, state.shard))
+
+    def commit(self, version: int, index: Dict) -> None:
+        """Rank 0, after every rank wrote its shards: the index is the commit marker."""
+        atomic_write_json(os.path.join(self.vdir(version), INDEX), index)
+
+    def is_complete(self, version: int) -> bool:
+        return os.path.isfile(os.path.join(self.vdir(version), INDEX))
+
+    def read_index(self, version: int) -> Dict:
+        path = os.path.join(self.vdir(version), INDEX)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"state version {version} is incomplete: {path} is missing")
+        return read_json(path)
+
+    def versions(self) -> List[int]:
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(int(m.group(1)) for d in os.listdir(self.root) if (m := _VDIR.match(d)))
+
+    def discard(self, version: int) -> None:
+        shutil.rmtree(self.vdir(version), ignore_errors=True)
+
+    def prune(self, keep: Iterable[int]) -> None:
+        """Remove every version not in `keep` (the ones that kept checkpoints name)."""
+        keep = set(keep)
+        for v in self.versions():
+            if v not in keep:
+                self.discard(v)

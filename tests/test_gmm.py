@@ -9,7 +9,8 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from coreg_dist.gmm import (GMM1D, fit_gmm_1d, init_gmm_from_labels, kmeans_1d,
+from coreg_dist.gmm import (GMM1D, ArrayChunks, Chunks, fit_gmm_1d, init_gmm_from_centres,
+                            init_gmm_from_labels, iter_posterior_low_mean, kmeans_1d,
                             posterior_low_mean)
 
 SK_KW = dict(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4)
@@ -222,3 +223,212 @@ def test_constant_and_tiny_inputs_are_finite():
     assert np.all(np.isfinite(g2.means))
     with pytest.raises(ValueError):
         fit_gmm_1d(np.array([]))
+
+
+# ---------------------------------------------------------------------------
+# Chunked input: list of arrays, ArrayChunks over a memmap, lazily loaded shards
+# ---------------------------------------------------------------------------
+
+RTOL = 1e-9  # chunking only changes the float summation order
+
+
+def assert_same_fit(result, reference):
+    (g, info), (g_ref, info_ref) = result, reference
+    for a, b in [(g.weights, g_ref.weights), (g.means, g_ref.means), (g.variances, g_ref.variances),
+                 (info["init"].means, info_ref["init"].means),
+                 (info["init"].variances, info_ref["init"].variances)]:
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-12)
+    for key in ("n", "n_iter", "kmeans_iter", "converged"):
+        assert info[key] == info_ref[key], key
+    assert info["lower_bound"] == pytest.approx(info_ref["lower_bound"], rel=RTOL)
+
+
+def unequal_chunks(x, seed, n_cuts=7):
+    """x cut at random places, with an empty chunk at the start and in the middle."""
+    cuts = np.sort(np.random.default_rng(seed).integers(0, x.size, n_cuts))
+    parts = np.split(x, cuts)
+    return [x[:0]] + parts[:3] + [x[:0]] + parts[3:]
+
+
+def memmap_of(x, path, dtype=np.float64):
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    del mm
+    return np.load(path, mmap_mode="r")  # read-only: the fit must not write into its input
+
+
+def shard_files(x, tmp_path, n_shards=5):
+    paths = []
+    for i, part in enumerate(np.array_split(x, n_shards)):
+        paths.append(tmp_path / f"shard{i}.npy")
+        np.save(paths[-1], part.astype(np.float32))
+    return paths
+
+
+class GuardedChunks:
+    """Chunk source that can only be iterated: materialising it (np.asarray, np.concatenate,
+    list) fails. It records the largest chunk handed out and the number of complete passes."""
+
+    def __init__(self, array, chunk_size):
+        self.inner = ArrayChunks(array, chunk_size)
+        self.passes = 0
+        self.largest = 0
+
+    def __iter__(self):
+        for chunk in self.inner:
+            self.largest = max(self.largest, chunk.size)
+            yield chunk
+        self.passes += 1
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the chunk source was materialised as one array")
+
+    def __len__(self):  # list(source) asks for it first
+        raise AssertionError("the chunk source was materialised as a list")
+
+
+@pytest.mark.parametrize("make,seed", [(separated, 0), (overlapping, 3), (division_like, 1)])
+def test_chunk_sources_equal_array(make, seed, tmp_path):
+    x = make(seed)
+    ref = fit_gmm_1d(x)
+    chunks = unequal_chunks(x, seed)
+    sources = {
+        "list of unequal chunks": chunks,
+        "tuple of torch chunks": tuple(torch.from_numpy(c) for c in chunks),
+        "ArrayChunks over memmap": ArrayChunks(memmap_of(x, tmp_path / "x.npy"), chunk_size=777),
+        "ArrayChunks, one chunk": ArrayChunks(x, chunk_size=x.size),
+        "ArrayChunks over tensor": ArrayChunks(torch.from_numpy(x), chunk_size=1000),
+    }
+    for name, src in sources.items():
+        res = fit_gmm_1d(src)
+        assert_same_fit(res, ref)
+        post = np.concatenate([np.asarray(p) for p in posterior_low_mean(res[0], src)])
+        np.testing.assert_allclose(post, posterior_low_mean(ref[0], x), rtol=0, atol=1e-9,
+                                   err_msg=name)
+    # float32 data on disk: per-shard files loaded lazily, and a float32 memmap
+    x32 = np.concatenate([np.load(p) for p in shard_files(x, tmp_path)]).astype(np.float64)
+    ref32 = fit_gmm_1d(x32)
+    paths = shard_files(x, tmp_path)
+    assert_same_fit(fit_gmm_1d(Chunks(lambda: (np.load(p) for p in paths))), ref32)
+    assert_same_fit(fit_gmm_1d(ArrayChunks(memmap_of(x, tmp_path / "x32.npy", np.float32), 1000)),
+                    ref32)
+
+
+def test_fit_only_iterates_the_chunk_source(tmp_path):
+    """Structural O(chunk) check: every pass streams chunks; nothing materialises the source."""
+    x = division_like(3)
+    src = GuardedChunks(memmap_of(x, tmp_path / "x.npy", np.float32), chunk_size=500)
+    for materialise in (np.asarray, list, lambda s: np.concatenate(list(s))):
+        with pytest.raises(AssertionError):  # the guard works
+            materialise(src)
+    g, info = fit_gmm_1d(src)
+    assert src.largest == 500
+    # 2 (mean/std) + one per Lloyd iteration + 2 (init) + 2 per EM iteration
+    assert src.passes == 4 + info["kmeans_iter"] + 2 * info["n_iter"]
+    assert_same_fit((g, info), fit_gmm_1d(x.astype(np.float32).astype(np.float64)))
+
+    src.passes = 0
+    g2, info2 = fit_gmm_1d(src, init=info["init"], max_iter=3, tol=0.0)
+    assert src.passes == 2 + 2 * info2["n_iter"] and info2["kmeans_iter"] == 0
+
+    src.passes = 0
+    c, labels, it = kmeans_1d(src)
+    assert labels is None and src.passes == 2 + it
+    init_gmm_from_centres(src, c, n_total=x.size, reg_covar=5e-4)
+    posts = list(iter_posterior_low_mean(g, src))
+    assert src.passes == 2 + it + 2 + 1
+    assert [p.size for p in posts] == [c.size for c in ArrayChunks(x, 500)]
+    assert len(posterior_low_mean(g, src)) == len(posts) and len(g.predict_proba(src)) == len(posts)
+
+
+def test_kmeans_and_init_on_chunks_equal_array():
+    x = overlapping(4)
+    chunks = unequal_chunks(x, 4)
+    c, labels, it = kmeans_1d(x)
+    c_ch, labels_ch, it_ch = kmeans_1d(chunks)
+    np.testing.assert_allclose(c_ch, c, rtol=RTOL)
+    assert labels_ch is None and it_ch == it
+    # labels are a function of the final centres, so the centre-based init is the label-based one
+    kw = dict(n_total=x.size, reg_covar=5e-4)
+    g_lab = init_gmm_from_labels(x, labels, **kw)
+    g_cen = init_gmm_from_centres(x, c, **kw)
+    for a, b in [(g_lab.weights, g_cen.weights), (g_lab.means, g_cen.means),
+                 (g_lab.variances, g_cen.variances)]:
+        assert np.array_equal(a, b)
+    label_chunks = np.split(labels, np.cumsum([ch.size for ch in chunks])[:-1])
+    for g in (init_gmm_from_centres(chunks, c, **kw), init_gmm_from_labels(chunks, label_chunks, **kw)):
+        np.testing.assert_allclose(g.means, g_lab.means, rtol=RTOL)
+        np.testing.assert_allclose(g.variances, g_lab.variances, rtol=RTOL)
+        np.testing.assert_allclose(g.weights, g_lab.weights, rtol=RTOL)
+    with pytest.raises(ValueError):  # label chunks must line up with the data chunks
+        init_gmm_from_labels(chunks, label_chunks[::-1], **kw)
+
+
+@pytest.mark.parametrize("make,seed", [(separated, 2), (division_like, 5)])
+def test_distributed_chunked_ranks_equal_unsplit(make, seed, tmp_path):
+    x = make(seed)
+    x = x[np.random.default_rng(seed).permutation(x.size)]
+    ref = fit_gmm_1d(x)
+    a, b, c = np.split(x, [x.size // 4, x.size // 2])
+    guarded = GuardedChunks(memmap_of(c, tmp_path / "c.npy"), chunk_size=333)
+    rank_inputs = [
+        unequal_chunks(a, seed),                     # list of unequal chunks
+        [],                                          # a rank with no samples: empty list
+        ArrayChunks(memmap_of(b, tmp_path / "b.npy"), chunk_size=1000),
+        [np.empty(0, np.float32)],                   # ... or only empty chunks
+        guarded,                                     # never materialised
+        ArrayChunks(np.empty(0), chunk_size=10),     # ... or an empty ArrayChunks
+    ]
+    results = fit_split(rank_inputs)
+    g0 = results[0][0]
+    for g, info in results:
+        assert np.array_equal(g.means, g0.means) and np.array_equal(g.variances, g0.variances)
+        assert np.array_equal(g.weights, g0.weights)
+        assert_same_fit((g, info), ref)
+    assert guarded.largest <= 333
+    assert [info["local_n"] for _, info in results] == [a.size, 0, b.size, 0, c.size, 0]
+    assert np.isnan(results[1][1]["local_min"]) and np.isnan(results[3][1]["local_max"])
+    assert min(info["local_min"] for _, info in results if info["local_n"]) == x.min()
+    assert max(info["local_max"] for _, info in results if info["local_n"]) == x.max()
+    post = np.concatenate([p for inp in rank_inputs for p in iter_posterior_low_mean(g0, inp)])
+    np.testing.assert_allclose(post, posterior_low_mean(ref[0], x), rtol=0, atol=1e-9)
+
+
+def test_zero_samples_and_one_shot_iterators():
+    x = separated(5)
+    for empty in ([], [np.empty(0)], ArrayChunks(np.empty(0)), Chunks(lambda: iter(()))):
+        with pytest.raises(ValueError, match="no data"):
+            fit_gmm_1d(empty)
+    g, _ = fit_gmm_1d(x)
+    assert posterior_low_mean(g, []).shape == (0,)
+    assert [p.shape for p in posterior_low_mean(g, [x[:0], x[:3]])] == [(0,), (3,)]
+    # a generator can be consumed once; the fit needs many passes
+    for one_shot in (iter([x]), (c for c in [x]), map(np.asarray, [x])):
+        with pytest.raises(TypeError, match="one-shot"):
+            fit_gmm_1d(one_shot)
+    assert_same_fit(fit_gmm_1d(Chunks(lambda: iter([x[:100], x[100:]]))), fit_gmm_1d(x))
+
+
+def test_flat_sequences_are_still_arrays_and_info_stats():
+    x = division_like(6)
+    g, info = fit_gmm_1d(x)
+    g_list, info_list = fit_gmm_1d(list(x))
+    assert np.array_equal(g_list.means, g.means) and info_list["n_iter"] == info["n_iter"]
+    p = posterior_low_mean(g, list(x[:5]))
+    assert isinstance(p, np.ndarray) and p.shape == (5,)
+    c, labels, _ = kmeans_1d(tuple(x))
+    assert labels.shape == x.shape and labels.dtype == np.int64
+    assert info["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert info["std"] == pytest.approx(x.std(), rel=1e-12)
+    assert (info["local_n"], info["local_min"], info["local_max"]) == (x.size, x.min(), x.max())
+
+
+def test_array_chunks_validation():
+    with pytest.raises(ValueError):
+        ArrayChunks(np.zeros((3, 2)))
+    with pytest.raises(ValueError):
+        ArrayChunks(np.zeros(3), chunk_size=0)
+    assert [c.tolist() for c in ArrayChunks(np.arange(5.0), 2)] == [[0, 1], [2, 3], [4]]
+    col = np.arange(12.0).reshape(6, 2)[:, 1]  # strided 1-D view: sliced, never copied whole
+    assert np.array_equal(np.concatenate(list(ArrayChunks(col, 4))), col)

@@ -1,37 +1,71 @@
+"""Per-sample state: per-shard files keyed by sample key, per-candidate fields, versions."""
 import numpy as np
 import pytest
 
-from coreg_dist.state import FieldSpec, SampleState
+from coreg_dist.state import FieldSpec, ShardState, StateStore
+
+FIELDS = {"w": FieldSpec((), "float32", 1.0), "hist": FieldSpec((2,), "float32", np.nan),
+          "pred": FieldSpec(dtype="float32", per_candidate=True)}
 
 
 def make():
-    st = SampleState({"w": FieldSpec((), "float32", 1.0), "pred": FieldSpec((3,), "float32", 0.0)})
-    st.add_shard("train-000000", ["a", "b", "c"])
-    st.add_shard("train-000001", ["d", "e"])
-    return st
+    # candidate counts 2, 1, 3: the per-candidate field holds 6 values, not 3 x C
+    return ShardState("train-000000", ["a", "b", "c"], [2, 1, 3], FIELDS)
 
 
-def test_gather_scatter_across_shards():
+def test_shapes_grow_with_the_candidate_sets_not_the_classes():
     st = make()
-    assert len(st) == 5 and st.all("w").tolist() == [1] * 5
-    st.scatter("w", [4, 0, 3], [0.5, 0.1, 0.2])
-    assert st.gather("w", [0, 3, 4]).tolist() == pytest.approx([0.1, 0.2, 0.5])
-    assert st.tables["train-000001"]["w"].tolist() == pytest.approx([0.2, 0.5])
-    st.set_all("pred", np.arange(15, dtype=np.float32).reshape(5, 3))
-    assert st.gather("pred", [3])[0].tolist() == [9, 10, 11]
+    assert st.arrays["pred"].shape == (6,) and st.arrays["w"].tolist() == [1, 1, 1]
+    assert st.arrays["hist"].shape == (3, 2) and np.isnan(st.arrays["hist"]).all()
 
 
-def test_save_load_reattaches_by_key(tmp_path):
+def test_per_candidate_get_set_and_dense():
     st = make()
-    st.set_all("w", np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32))
-    st.save(str(tmp_path))
-    other = SampleState(st.fields)
-    other.add_shard("train-000000", ["c", "a", "b"])     # same samples, another order
-    other.add_shard("train-000001", ["d", "e"])
-    other.load(str(tmp_path))
-    assert other.all("w").tolist() == pytest.approx([0.3, 0.1, 0.2, 0.4, 0.5])
-    stranger = SampleState(st.fields)
-    stranger.add_shard("train-000000", ["a", "zz", "b"])
-    stranger.add_shard("train-000001", ["d", "e"])
-    with pytest.raises(ValueError, match="'zz'"):
-        stranger.load(str(tmp_path))
+    st.set_candidates("pred", np.array([2, 0]), np.array([.1, .2, .3, .4, .5], np.float32))
+    assert st.get_candidates("pred", np.array([0])).tolist() == pytest.approx([.4, .5])
+    assert st.get_candidates("pred", np.array([2])).tolist() == pytest.approx([.1, .2, .3])
+    dense = st.dense("pred", np.array([0, 2]), [np.array([1, 3]), np.array([0, 2, 4])], num_classes=5)
+    assert dense.shape == (2, 5)
+    assert dense[0].tolist() == pytest.approx([0, .4, 0, .5, 0])
+    assert dense[1].tolist() == pytest.approx([.1, 0, .2, 0, .3])
+    with pytest.raises(ValueError, match="needs 3 candidate values"):
+        st.set_candidates("pred", np.array([2]), np.array([1.0]))
+
+
+def test_rows_by_key():
+    st = make()
+    assert st.rows(["c", "zz", "a"]).tolist() == [2, -1, 0]
+
+
+def test_store_versions_roundtrip_and_commit(tmp_path):
+    store = StateStore(str(tmp_path), FIELDS)
+    st = make()
+    st.arrays["w"][:] = [0.1, 0.2, 0.3]
+    store.write(0, st)
+    assert not store.is_complete(0)
+    store.commit(0, {"version": 0, "shards": {"train-000000": {"n": 3}}, "totals": {"n": 3}})
+    assert store.is_complete(0) and store.read_index(0)["totals"]["n"] == 3
+    back = store.read(0, "train-000000")
+    assert back.keys.tolist() == ["a", "b", "c"] and back.arrays["w"].tolist() == pytest.approx([.1, .2, .3])
+    store.write(1, back)
+    assert store.versions() == [0, 1]
+    store.prune([1])
+    assert store.versions() == [1]
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        store.read_index(1)
+
+
+def test_missing_field_and_file_are_named(tmp_path):
+    store = StateStore(str(tmp_path), {"w": FIELDS["w"]})
+    store.write(0, ShardState("s", ["a"], [1], {"w": FIELDS["w"]}))
+    with pytest.raises(ValueError, match="field 'hist' missing"):
+        StateStore(str(tmp_path), FIELDS).read(0, "s")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        store.read(0, "nope")
+
+
+def test_saved_files_load_without_pickle(tmp_path):
+    store = StateStore(str(tmp_path), FIELDS)
+    store.write(0, make())
+    with np.load(store.path(0, "train-000000"), allow_pickle=False) as z:
+        assert z["__keys__"].tolist() == ["a", "b", "c"] and z["__ncand__"].tolist() == [2, 1, 3]

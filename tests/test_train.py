@@ -1,6 +1,8 @@
-"""Trainer smoke runs, switches, resume equality: Co-Reg and PCE on tiny real shards."""
+"""Trainer runs in one process on tiny real shards: Co-Reg and PCE, every switch, few-shot,
+per-sample state per shard, exact mid-epoch resume, no sample lost or seen twice."""
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -34,35 +36,51 @@ def cfg_for(root, out, *extra):
                               "train.epochs=4", "train.batch_size=8", "train.eval_batch_size=16",
                               "coreg.warm_up=1", "coreg.feature_start=1", "coreg.queue_size=32",
                               "coreg.rampup_epochs=2", "train.lr_period=0", "run.threads=1",
-                              *extra])
+                              "data.shuffle_buffer=8", *extra])
 
 
-def final_weights(run_dir):
-    ckpt = os.path.join(run_dir, "checkpoints", open(os.path.join(run_dir, "checkpoints", "latest")).read().strip())
-    return torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["method_state"]
+def latest(run_dir):
+    base = os.path.join(run_dir, "checkpoints")
+    return os.path.join(base, open(os.path.join(base, "latest")).read().strip())
 
 
-def test_coreg_smoke_writes_report_and_logs(dataset, tmp_path):
+def final_model(run_dir):
+    return torch.load(os.path.join(latest(run_dir), "model.pt"), weights_only=True)
+
+
+def assert_same_model(a, b):
+    for k in range(len(a["method"]["nets"])):
+        for name, t in a["method"]["nets"][k].items():
+            assert torch.equal(t, b["method"]["nets"][k][name]), name
+    if "prototypes" in a["method"]:
+        assert torch.equal(a["method"]["prototypes"], b["method"]["prototypes"])
+        for qa, qb in zip(a["method"]["queues"], b["method"]["queues"]):
+            assert torch.equal(qa["feats"], qb["feats"])
+
+
+def test_coreg_smoke_writes_report_logs_and_state(dataset, tmp_path):
     out = str(tmp_path / "run")
     report = train(cfg_for(dataset, out), "cpu")
     for key in ("test_acc_net1", "test_acc_net2", "test_acc_ensemble", "epochs", "seconds", "eta",
-                "avg_candidates"):
+                "avg_candidates", "world_size", "streams", "data_wait_fraction"):
         assert key in report
-    assert 0.0 <= report["test_acc_ensemble"] <= 1.0
+    assert report["world_size"] == 1 and report["ranks_in_sync"] is True
+    assert 0.0 <= report["test_acc_ensemble"] <= 1.0 and report["test_samples"] == 24
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["epoch"] for l in lines] == [0, 1, 2, 3]
     after = lines[-1]
     # co-divide ran and split the pool; the feature terms were back-propagated
     assert after["n_p_net1"] + after["n_u_net1"] == 48
-    assert "loss/cont" in after and "loss/proto" in after
+    assert "loss/cont" in after and "loss/proto" in after and len(after["gmm_means_net1"]) == 2
     for f in ("report.json", "report.md", "plots/accuracy.png", "plots/confusion.png",
               "config.yaml", "checkpoints/latest"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert any(n.startswith("events") for n in os.listdir(os.path.join(out, "tb")))
-    # per-sample state saved per shard, keyed
-    ck = os.path.join(out, "checkpoints", "epoch_0003", "samples")
-    z = np.load(os.path.join(ck, "train-000000.npz"))
-    assert z["__keys__"][0] == "train_00000" and z["pred0"].shape == (16, 4)
+    # per-sample state: one file per shard, keyed, predictions stored per candidate only
+    meta = json.load(open(os.path.join(latest(out), "meta.json")))
+    st = np.load(os.path.join(out, "state", f"v{meta['state_version']:05d}", "train-000000.npz"))
+    assert st["__keys__"][0] == "train_00000" and len(st["__keys__"]) == 16
+    assert st["pred0"].shape == (st["__ncand__"].sum(),) and st["w0"].shape == (16,)
 
 
 def test_every_switch_off_still_completes(dataset, tmp_path):
@@ -78,14 +96,28 @@ def test_each_switch_off_alone_completes(dataset, tmp_path, switch):
 
 def test_few_shot_samples_forced_into_p(dataset, tmp_path):
     out = str(tmp_path / "few")
-    train(cfg_for(dataset, out, "coreg.few_shot=2", "train.epochs=2"), "cpu")
-    ck = os.path.join(out, "checkpoints", "epoch_0001")
-    state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)["method_state"]
-    few = state["few_shot_idx"]
-    assert len(few) == 8                     # 2 per class, 4 classes
-    w = np.concatenate([np.load(os.path.join(ck, "samples", f"train-00000{i}.npz"))["w0"]
-                        for i in range(3)])
-    assert (w[few] == 1.0).all()
+    train(cfg_for(dataset, out, "train.few_shot=2", "train.epochs=2"), "cpu")
+    meta = json.load(open(os.path.join(latest(out), "meta.json")))
+    folder = os.path.join(out, "state", f"v{meta['state_version']:05d}")
+    fixed, w, true, ncand = [], [], [], []
+    for i in range(3):
+        z = np.load(os.path.join(folder, f"train-00000{i}.npz"))
+        fixed.append(z["fixed"]), w.append(z["w0"]), true.append(z["true"]), ncand.append(z["__ncand__"])
+    fixed, w, true, ncand = map(np.concatenate, (fixed, w, true, ncand))
+    chosen = fixed >= 0
+    assert chosen.sum() == 8                                  # 2 per class, 4 classes
+    assert Counter(fixed[chosen].tolist()) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert (fixed[chosen] == true[chosen]).all() and (ncand[chosen] == 1).all()
+    assert (w[chosen] == 1.0).all()
+
+
+def test_max_train_samples_keeps_a_seeded_subset(dataset, tmp_path):
+    out = str(tmp_path / "sub")
+    report = train(cfg_for(dataset, out, "train.max_train_samples=24", "train.epochs=1"), "cpu")
+    assert 12 <= report["train_samples"] <= 36
+    again = train(cfg_for(dataset, str(tmp_path / "sub2"), "train.max_train_samples=24",
+                          "train.epochs=1"), "cpu")
+    assert again["train_samples"] == report["train_samples"]
 
 
 def test_pce_baseline(dataset, tmp_path):
@@ -93,23 +125,52 @@ def test_pce_baseline(dataset, tmp_path):
     assert report["method"] == "pce" and "test_acc_net1" in report
 
 
+def read_keys(run_dir):
+    """[(epoch, pass, step, part, key), ...] in the order train.log_keys wrote them."""
+    path = os.path.join(run_dir, "keys", "rank_0.txt")
+    return [tuple(int(v) if i < 3 else v for i, v in enumerate(l.split())) for l in open(path)]
+
+
+def keep_keys_before(run_dir, position):
+    """Drop what a killed run logged after its last checkpoint (the resumed run redoes it)."""
+    keys = read_keys(run_dir)
+    kept = [k for k in keys if k[:3] < position]
+    with open(os.path.join(run_dir, "keys", "rank_0.txt"), "w") as f:
+        f.write("".join(" ".join(map(str, k)) + "\n" for k in kept))
+    return len(keys) - len(kept)
+
+
 def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
     full = str(tmp_path / "full")
-    ref = train(cfg_for(dataset, full), "cpu")
+    ref = train(cfg_for(dataset, full, "train.log_keys=true"), "cpu")
     cut = str(tmp_path / "cut")
-    # 4 warm-up steps in epoch 0 (2 nets x 48/16); stop inside epoch 2
+    # warm-up: 2 passes x 3 steps; checkpoint every 4 steps; killed at step 10, inside epoch 1
     with pytest.raises(RunKilled):
-        train(cfg_for(dataset, cut, "train.stop_after_steps=17"), "cpu")
-    assert open(os.path.join(cut, "checkpoints", "latest")).read().strip() in ("epoch_0001", "epoch_0000")
-    resumed = train(cfg_for(dataset, cut, "train.resume=latest"), "cpu")
+        train(cfg_for(dataset, cut, "train.stop_after_steps=10", "train.checkpoint_every=4",
+                      "train.log_keys=true"), "cpu")
+    meta = json.load(open(os.path.join(latest(cut), "meta.json")))
+    assert meta["mid_epoch"] and meta["epoch"] == 1 and meta["global_step"] == 8
+    redone = keep_keys_before(cut, (meta["epoch"], meta["pass_index"], meta["step"]))
+    assert redone > 0                    # the killed run had gone past its checkpoint
+    resumed = train(cfg_for(dataset, cut, "train.resume=latest", "train.checkpoint_every=4",
+                            "train.log_keys=true"), "cpu")
     assert resumed["test_acc_ensemble"] == ref["test_acc_ensemble"]
-    a, b = final_weights(full), final_weights(cut)
-    for k in range(2):
-        for name, t in a["nets"][k].items():
-            assert torch.equal(t, b["nets"][k][name]), name
-    assert torch.equal(a["prototypes"], b["prototypes"])
-    hist = [json.loads(l)["epoch"] for l in open(os.path.join(cut, "metrics.jsonl"))]
-    assert hist == [0, 1, 2, 3]
+    assert_same_model(final_model(full), final_model(cut))
+    a = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+    b = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl"))]
+    assert [l["epoch"] for l in b] == [0, 1, 2, 3]
+    for la, lb in zip(a, b):
+        for k in ("loss/x", "loss/u", "n_p_net1", "n_p_net2", "test_acc_ensemble", "steps"):
+            assert la.get(k) == lb.get(k), (la["epoch"], k)
+    # no sample lost and none seen twice: every step saw the same parts and keys, in order
+    assert read_keys(full) == read_keys(cut)
+
+
+def test_resume_of_finished_run_evaluates(dataset, tmp_path):
+    out = str(tmp_path / "done")
+    ref = train(cfg_for(dataset, out, "train.epochs=2"), "cpu")
+    again = train(cfg_for(dataset, out, "train.epochs=2", "train.resume=latest"), "cpu")
+    assert again["test_acc"] == ref["test_acc"]
 
 
 def test_unknown_method_names_key(dataset, tmp_path):
@@ -117,6 +178,17 @@ def test_unknown_method_names_key(dataset, tmp_path):
         train(cfg_for(dataset, str(tmp_path / "x"), "train.method=nope"), "cpu")
 
 
+def test_batch_must_split_over_streams(dataset, tmp_path):
+    with pytest.raises(ValueError, match="data.streams"):
+        train(cfg_for(dataset, str(tmp_path / "x"), "data.streams=3", "train.epochs=1"), "cpu")
+
+
 def test_registry_lists_builtin_methods_without_building_one():
     from coreg_dist.methods import list_methods
     assert {"coreg", "pce"} <= set(list_methods())
+
+
+def test_method_config_section_comes_from_the_registry():
+    from coreg_dist.config import schema
+    from coreg_dist.methods.coreg import CoRegConfig
+    assert schema().coreg.warm_up == CoRegConfig().warm_up

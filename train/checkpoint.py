@@ -1,13 +1,24 @@
-"""Atomic per-epoch checkpoints and `--resume latest`.
+"""Collective checkpoints, every K steps and every epoch, and `--resume latest`.
 
-    RUN/checkpoints/epoch_0007/state.pt        networks, optimisers, prototypes, queues, RNG, epoch
-    RUN/checkpoints/epoch_0007/samples/*.npz   per-sample state, one file per shard, keyed
-    RUN/checkpoints/latest                     name of the newest complete checkpoint
+    RUN/checkpoints/e0003-p01-s000120/meta.json      where the run continues (epoch, pass, step;
+                                                     e0004-p00-s000000 = after epoch 3),
+                                                     world size, streams, state version (JSON)
+    RUN/checkpoints/e0003-p01-s000120/model.pt       networks, key encoders, queues, prototypes,
+                                                     optimizers (rank 0's; every rank holds the same)
+    RUN/checkpoints/e0003-p01-s000120/rank_00001.pt  each rank's own part: its streams' positions
+                                                     (shard order, samples taken), RNG states,
+                                                     the epoch's running sums, its error log
+    RUN/checkpoints/latest                           name of the newest complete checkpoint
+    RUN/state/vNNNNN/                                the per-sample state version meta.json names
 
-A checkpoint folder is written under a temporary name and renamed when complete, and `latest`
-is replaced after that, so a run killed at any moment resumes from a complete epoch. Every
-random stream of an epoch is derived from (seed, epoch, ...), so resuming at an epoch boundary
-reproduces the uninterrupted run exactly (same device, deterministic ops).
+Written collectively: every rank writes its part atomically into a temporary folder; after a
+barrier rank 0 writes model.pt and meta.json, renames the folder into place, points `latest` at
+it and keeps the last k. A run killed at any moment resumes from a complete checkpoint.
+
+Resume: at an epoch boundary any world size and any data.streams work (the state is per shard,
+the next epoch plans from scratch). Mid-epoch the streams are replayed to their positions, which
+needs the same world size and streams: anything else is refused with a message that says so.
+Everything loads with `weights_only=True`: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
@@ -19,77 +30,130 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from coreg_dist.io import atomic_write_text
+from coreg_dist.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 LATEST = "latest"
+META = "meta.json"
+MODEL = "model.pt"
 
 
-def _dir(run_dir: str) -> str:
+def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def checkpoint_name(epoch: int, pass_index: int, step: int) -> str:
+    return f"e{epoch:04d}-p{pass_index:02d}-s{step:06d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
 def rng_state() -> Dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The process's global RNG states, as plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
 
 
 def set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, epoch: int, method, extra: Dict, keep: int = 2) -> str:
-    base = _dir(run_dir)
-    name = f"epoch_{epoch:04d}"
-    final = os.path.join(base, name)
-    tmp = os.path.join(base, f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"epoch": epoch, "method": method.name, "method_state": method.state_dict(),
-                "rng": rng_state(), **extra}, os.path.join(tmp, "state.pt"))
-    if method.sample_state is not None:
-        method.sample_state.save(os.path.join(tmp, "samples"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(base, LATEST), name + "\n")
-    done = sorted(d for d in os.listdir(base) if d.startswith("epoch_"))
-    for old in done[:-keep]:
-        shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+def _save(obj, path: str) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_checkpoint(run_dir: str, coll, meta: Dict, model_state: Dict, rank_state: Dict,
+                    keep: int = 2) -> str:
+    """Collective: every rank calls it at the same step."""
+    base = checkpoint_dir(run_dir)
+    name = checkpoint_name(meta["epoch"], meta["pass_index"], meta["step"])
+    final, tmp = os.path.join(base, name), os.path.join(base, f".{name}.tmp")
+    if coll.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    coll.barrier()
+    _save(rank_state, os.path.join(tmp, rank_file(coll.rank)))
+    coll.barrier()
+    if coll.is_main:
+        _save(model_state, os.path.join(tmp, MODEL))
+        atomic_write_json(os.path.join(tmp, META), meta)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(base, LATEST), name + "\n")
+        done = sorted(d for d in os.listdir(base) if d.startswith("e") and
+                      os.path.isfile(os.path.join(base, d, META)))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+    coll.barrier()
     return final
+
+
+def kept_state_versions(run_dir: str) -> set:
+    """State versions that some complete checkpoint still needs."""
+    base = checkpoint_dir(run_dir)
+    if not os.path.isdir(base):
+        return set()
+    out = set()
+    for d in os.listdir(base):
+        meta = os.path.join(base, d, META)
+        if os.path.isfile(meta):
+            out.add(int(read_json(meta)["state_version"]))
+    return out
 
 
 def find_checkpoint(run_dir: str, spec: str) -> Optional[str]:
     """`latest` -> the newest complete checkpoint of run_dir (None if there is none yet);
     anything else is a checkpoint folder path."""
     if spec == "latest":
-        pointer = os.path.join(_dir(run_dir), LATEST)
+        pointer = os.path.join(checkpoint_dir(run_dir), LATEST)
         if not os.path.isfile(pointer):
             return None
-        path = os.path.join(_dir(run_dir), open(pointer).read().strip())
+        path = os.path.join(checkpoint_dir(run_dir), open(pointer).read().strip())
     else:
         path = spec
-    if not os.path.isfile(os.path.join(path, "state.pt")):
+    if not os.path.isfile(os.path.join(path, META)):
         raise FileNotFoundError(f"config key 'train.resume': no checkpoint at {path} "
-                                "(expected a folder with state.pt)")
+                                f"(expected a folder with {META})")
     return path
 
 
-def load_checkpoint(path: str, method) -> Tuple[int, Dict]:
-    """Restore the method (and its per-sample state); returns (epoch, the saved payload)."""
-    payload = torch.load(os.path.join(path, "state.pt"), map_location="cpu",
-                         weights_only=False)
-    if payload["method"] != method.name:
-        raise ValueError(f"{path} is a checkpoint of method '{payload['method']}', "
-                         f"not '{method.name}'")
-    method.load_state_dict(payload["method_state"])
-    if method.sample_state is not None:
-        method.sample_state.load(os.path.join(path, "samples"))
-    set_rng_state(payload["rng"])
-    return int(payload["epoch"]), payload
+def check_resumable(path: str, meta: Dict, world_size: int, streams: int) -> None:
+    """Mid-epoch positions only replay on the same world size and streams: refuse otherwise."""
+    if not meta.get("mid_epoch"):
+        return
+    where = f"epoch {meta['epoch']}, pass {meta['pass_index']}, step {meta['step']}"
+    if meta["world_size"] != world_size:
+        raise ValueError(
+            f"{path} was written mid-epoch ({where}) by {meta['world_size']} rank(s); this run has "
+            f"{world_size}. A mid-epoch position is a position in each rank's streams and only "
+            f"replays on the same world size: resume with {meta['world_size']} rank(s) "
+            f"(torchrun --nproc_per_node=...), or resume an epoch-boundary checkpoint "
+            f"(train.resume=<RUN>/checkpoints/e....-p00-s000000), which works with any world size.")
+    if meta["streams"] != streams:
+        raise ValueError(f"{path} was written mid-epoch ({where}) with data.streams={meta['streams']}; "
+                         f"this run has {streams}: set data.streams={meta['streams']} to resume it")
+
+
+def load_checkpoint(path: str, rank: int, device: str = "cpu") -> Tuple[Dict, Dict, Optional[Dict]]:
+    """(meta, model_state, this rank's part or None at an epoch boundary). weights_only=True."""
+    meta = read_json(os.path.join(path, META))
+    model = torch.load(os.path.join(path, MODEL), map_location=device, weights_only=True)
+    rank_state = None
+    rf = os.path.join(path, rank_file(rank))
+    if meta.get("mid_epoch"):
+        if not os.path.isfile(rf):
+            raise FileNotFoundError(f"{path}: no part for rank {rank} ({rf})")
+        rank_state = torch.load(rf, map_location="cpu", weights_only=True)
+    return meta, model, rank_state

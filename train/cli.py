@@ -2,9 +2,11 @@
 
     coreg-train --config configs/demo.yaml                                # Co-Reg, CPU preset
     coreg-train --config configs/demo.yaml --resume latest                # continue a killed run
+    torchrun --nproc_per_node=2 -m train.cli --config configs/demo.yaml   # 2 processes (gloo on CPU)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
+        -m train.cli --config configs/gpu.yaml                            # 2 nodes x 8 GPUs (NCCL)
     coreg-train --config configs/demo.yaml train.method=pce run.out_dir=runs/demo-pce   # baseline
     coreg-train --config configs/demo.yaml coreg.contrastive=false coreg.mixup=false    # ablation
-    coreg-train --config configs/gpu.yaml run.device=cuda model.bf16=true model.channels_last=true
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from coreg_dist.runtime import parse_args, setup_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from coreg_dist.dist import shutdown_distributed
     from train.trainer import RunKilled, train
 
     parser = argparse.ArgumentParser(prog="coreg-train", description=__doc__,
@@ -31,6 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunKilled as exc:
         print(f"{exc}; resume with --resume latest", file=sys.stderr)
         return 3
+    finally:
+        shutdown_distributed()
     return 0
 
 

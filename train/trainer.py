@@ -1,202 +1,421 @@
-"""The one trainer every method runs through: data, schedule, evaluation, checkpoints, logs.
+"""The one trainer every method runs through: streams, engines, evaluation, checkpoints, logs.
 
-    coreg-train --config configs/demo.yaml                      # Co-Reg on the demo column
-    coreg-train --config configs/demo.yaml train.resume=latest  # continue a killed run
+    coreg-train --config configs/demo.yaml                                   # one process
+    torchrun --nproc_per_node=2 -m train.cli --config configs/demo.yaml      # 2 ranks (gloo/NCCL)
+    coreg-train --config configs/demo.yaml --resume latest                   # continue a killed run
     coreg-train --config configs/demo.yaml train.method=pce run.out_dir=runs/demo-pce
 
-Per epoch: method.begin_epoch (co-divide) -> method.plan_epoch -> for each step: batch from
-the pool -> method.update -> evaluate on the test split -> metrics.jsonl / TensorBoard ->
-atomic checkpoint. At the end: report.json, report.md and plots in the run directory.
+A run: state version 0 (membership.py: which samples train) -> per epoch:
+  method.begin_epoch  (co-divide: streamed sweeps, a new per-sample state version)
+  method.plan_epoch   -> passes; for each pass, the rank streams its chunks of every step
+                         (coreg_dist/data/stream.py), and per step:
+                         method.update -> engine.backward -> engine.step -> method.after_step
+  evaluation on the test split (each rank its shards, counts all-reduced)
+  metrics.jsonl / TensorBoard (rank 0) -> collective checkpoint (also every K steps)
+At the end, rank 0 writes report.json, report.md and the plots.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional
+from dataclasses import replace
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from coreg_dist.config import Config, save_config, to_dict
-from coreg_dist.io import read_json
-from coreg_dist.methods.base import Batch, DataInfo, build_method
+from coreg_dist.data.stream import (PassSpec, ShardSource, StreamContext, StreamPlan, iterate_pass,
+                                    iterate_sweep, plan_streams, rank_streams, sweep_shards)
+from coreg_dist.data.transform import ImageTransform, channels_for_mode, probe_image
+from coreg_dist.dist import init_distributed
+from coreg_dist.engine import build_engine
+from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
 from coreg_dist.progress import progress
-from coreg_dist.shards.format import read_column_info, read_manifest
-from coreg_dist.shards.reader import ErrorLog
-from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from train.data import Pool, load_pool
-from train.metrics_log import MetricsLogger
+from coreg_dist.shards.format import (FormatError, Manifest, column_shard_path, is_committed,
+                                      read_column_info, read_manifest)
+from coreg_dist.shards.reader import ErrorLog, iter_tar
+from coreg_dist.state import FieldSpec, StateStore
+from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
+                              load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from train.epoch_context import EpochContext, report_events, to_device_part
+from train.membership import build_initial_state
+from train.metrics_log import MetricsLogger, to_jsonable
 from train.report import format_gain, write_report
 
-# Classes whose mirror image is another class (digits, text): no horizontal flips.
-NO_FLIP_DATASETS = ("mnist", "svhn", "digits")
+TRAINER_FIELDS = {"true": FieldSpec((), "int16", -1),      # class from the image shard (logging)
+                  "fixed": FieldSpec((), "int16", -1)}     # few-shot manual label, -1 = none
 
 
 class RunKilled(RuntimeError):
     """Raised by train.stop_after_steps: behaves like a kill at that step (tests, drills)."""
 
 
-def make_batch(pool: Pool, step, device) -> Batch:
-    x = pool.x(step.labeled, device)
-    u = pool.x(step.unlabeled, device) if step.unlabeled is not None else None
-    true = torch.from_numpy(pool.true[step.labeled]).to(device)
-    return Batch(step=step, x=x, Y=pool.y(step.labeled, device), u=u,
-                 uY=pool.y(step.unlabeled, device) if u is not None else None,
-                 true=true if (pool.true[step.labeled] >= 0).all() else None)
+def image_transform(cfg, source: ShardSource, manifest: Manifest) -> ImageTransform:
+    """data.image_size / data.channels, or what the first training image says."""
+    d = cfg.data
+    size, channels = d.image_size, d.channels
+    if size <= 0 or channels <= 0:
+        first = manifest.shards("train")[0].name
+        for _, fields in iter_tar(source.image(first)):
+            data = next((fields[e] for e in ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+                         if e in fields), None)
+            if data is None:
+                continue
+            mode, w, h = probe_image(data)
+            if size <= 0:
+                if w != h or w > 512:
+                    raise FormatError(f"set config key 'data.image_size': the first training image "
+                                      f"({first}) is {w}x{h}, not a small square to take the size from")
+                size = w
+            channels = channels if channels > 0 else channels_for_mode(mode)
+            break
+    return ImageTransform(size=size, channels=channels, resize=d.resize, interpolation=d.interpolation)
 
 
-@torch.no_grad()
-def evaluate(method, pool: Pool, device, batch_size: int) -> Dict:
-    """Test accuracy of each network and of the ensemble; predictions of the final one."""
-    correct: Dict[str, int] = {}
-    preds = []
-    for i in range(0, len(pool), batch_size):
-        idx = np.arange(i, min(i + batch_size, len(pool)))
-        x = pool.x(idx, device)
-        t = torch.from_numpy(pool.true[idx]).to(device)
-        out = method.predict_each(x)
-        for name, logits in out.items():
-            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == t).sum())
-        final = out.get("ensemble", out["net1"])
-        preds.append(final.argmax(1).cpu().numpy())
-    n = len(pool)
-    return {"acc": {k: v / n for k, v in correct.items()}, "pred": np.concatenate(preds)}
+def check_column(root: str, column: str, manifest: Manifest) -> None:
+    """Every training shard needs a committed shard of the label column (local datasets)."""
+    missing = [s.name for s in manifest.shards("train")
+               if not is_committed(column_shard_path(root, column, s.name))]
+    if missing:
+        raise FormatError(f"column '{column}' has no committed shard for {missing[0]}"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                          f"{column_shard_path(root, column, missing[0])} (or its .stats.json) is "
+                          "missing; run the annotator for it (config key 'train.column')")
 
 
-def apply_few_shot(pool: Pool, shots: int, num_classes: int, seed: int) -> np.ndarray:
-    """[D] `shots` samples per class get a manual label: Y becomes one-hot(true label)."""
-    if shots <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if (pool.true < 0).any():
-        raise ValueError("config key 'coreg.few_shot' needs true labels in the training pool")
-    rng = np.random.default_rng([seed, 17])
-    chosen = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(pool.true == c)
-        chosen.extend(rng.choice(idx, size=min(shots, len(idx)), replace=False).tolist())
-    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
-    pool.Y[chosen] = False
-    pool.Y[chosen, pool.true[chosen]] = True
-    return chosen
+class Trainer:
+    def __init__(self, cfg: Config, device: str):
+        self.cfg = cfg
+        self.coll, self.device = init_distributed(cfg, device)
+        self.main = self.coll.is_main
+        self.run_dir = cfg.run.out_dir
+        self.errors = ErrorLog()
+        self.global_step = 0
+        self.t_start = time.time()
 
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
 
-def train(cfg: Config, device: str) -> Dict:
-    t_start = time.time()
-    run_dir = cfg.run.out_dir
-    os.makedirs(run_dir, exist_ok=True)
-    config_file = save_config(cfg, run_dir)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    manifest = read_manifest(cfg.data.root)
-    errors = ErrorLog()
-    col = cfg.train.column
-    print(f"loading {cfg.data.root}: train (column '{col}') and test", flush=True)
-    pool = load_pool(cfg.data.root, manifest, "train", col, max_samples=cfg.train.max_train_samples,
-                     errors=errors, seed=cfg.run.seed)
-    test = load_pool(cfg.data.root, manifest, "test", None, errors=errors)
-    K = manifest.num_classes
-    few = apply_few_shot(pool, cfg.coreg.few_shot, K, cfg.run.seed)
-    keys_by_shard, start = [], 0
-    for n in pool.shard_sizes:
-        keys_by_shard.append(pool.keys[start:start + n])
-        start += n
-    info = DataInfo(num_classes=K, in_channels=pool.in_channels, image_size=pool.image_size,
-                    shard_names=pool.shard_names, shard_keys=keys_by_shard,
-                    flip=not any(d in manifest.name.lower() for d in NO_FLIP_DATASETS))
-    method = build_method(cfg.train.method, cfg, info, device)
-    if len(few) and hasattr(method, "set_few_shot"):
-        method.set_few_shot(few)
-    print(f"{cfg.train.method}: {len(pool)} training samples ({len(pool.shard_names)} shards), "
-          f"{len(test)} test, {K} classes, {pool.in_channels}x{pool.image_size}px, "
-          f"backbone {cfg.model.backbone}, device {device}", flush=True)
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg, coll = self.cfg, self.coll
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.config_file = save_config(cfg, self.run_dir) if self.main else ""
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        root = cfg.data.root
+        self.manifest = manifest = read_manifest(root)
+        self.K = manifest.num_classes
+        self.source = ShardSource(root, cfg.data.shard_url)
+        if not cfg.data.shard_url:
+            check_column(root, cfg.train.column, manifest)
+        self.transform = image_transform(cfg, self.source, manifest)
+        self.image_shape = self.transform.shape
+        d, W = cfg.data, coll.world_size
+        self.n_streams = d.streams or W * max(1, d.num_workers)
+        if self.n_streams % W:
+            raise ValueError(f"config key 'data.streams' ({self.n_streams}) must be a multiple of the "
+                             f"world size ({W}): every rank holds the same number of streams")
+        info = DataInfo(num_classes=self.K, in_channels=self.transform.channels,
+                        image_size=self.transform.size, flip=cfg.train.flip)
+        self.method = build_method(cfg.train.method, cfg, info, self.device, coll)
+        self.engines = [build_engine(n, cfg, coll, self.device) for n in self.method.networks()]
+        self.method.attach_engines(self.engines)
+        fields = dict(TRAINER_FIELDS)
+        for name, spec in self.method.state_fields().items():
+            if name in fields:
+                raise ValueError(f"method {self.method.name}: state field {name!r} is the trainer's")
+            fields[name] = spec
+        self.store = StateStore(self.run_dir, fields)
+        self.stream_ctx = StreamContext(source=self.source, num_classes=self.K, transform=self.transform,
+                                        column=cfg.train.column, state_root=self.run_dir,
+                                        state_version=-1, state_fields=tuple(fields.items()))
+        train_counts = {s.name: s.n for s in manifest.shards("train")}
+        self.train_sweep = sweep_shards(train_counts, coll.rank, W, cfg.run.seed)
+        test_counts = {s.name: s.n for s in manifest.shards("test")}
+        self.test_sweep = sweep_shards(test_counts, coll.rank, W, cfg.run.seed)
+        self.n_manifest = sum(train_counts.values())
 
-    start_epoch, resumed = 0, False
-    if cfg.train.resume:
-        path = find_checkpoint(run_dir, cfg.train.resume)
-        if path:
-            last, _ = load_checkpoint(path, method)
-            start_epoch, resumed = last + 1, True
-            print(f"resumed from {path}: continuing at epoch {start_epoch}", flush=True)
-        else:
-            print(f"no checkpoint in {run_dir} yet: starting from scratch", flush=True)
-    log = MetricsLogger(run_dir, resume_epoch=start_epoch if resumed else None)
+    # ------------------------------------------------------------------ resume or start
+    def _start(self):
+        """Returns (start epoch, resume position or None)."""
+        cfg = self.cfg
+        path = find_checkpoint(self.run_dir, cfg.train.resume) if cfg.train.resume else None
+        if path is None:
+            if cfg.train.resume:
+                self.log(f"no checkpoint in {self.run_dir} yet: starting from scratch")
+            if self.main:
+                self.store.prune(())
+            self.coll.barrier()
+            self.index = build_initial_state(self.store, self.stream_ctx, self.train_sweep,
+                                             self.n_manifest, cfg, self.coll, self.errors)
+            self.version = 0
+            return 0, None
+        meta, model, rank_state = load_checkpoint(path, self.coll.rank, self.device)
+        check_resumable(path, meta, self.coll.world_size, self.n_streams)
+        if meta["method"] != self.method.name:
+            raise ValueError(f"{path} is a checkpoint of method '{meta['method']}', not '{self.method.name}'")
+        self.method.load_state_dict(model["method"])
+        for e, s in zip(self.engines, model["engines"]):
+            e.load_state_dict(s)
+        self.version = int(meta["state_version"])
+        self.index = self.store.read_index(self.version)
+        self.global_step = int(meta["global_step"])
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            self.errors.load_state_dict(rank_state["errors"])
+            where = f"epoch {meta['epoch']}, pass {meta['pass_index']}, step {meta['step']}"
+            self.log(f"resumed from {path}: continuing mid-epoch at {where}")
+            return int(meta["epoch"]), {"meta": meta, "rank": rank_state}
+        self.log(f"resumed from {path}: continuing at epoch {meta['epoch']}")
+        return int(meta["epoch"]), None
 
-    def passes(batch_size: int):
-        for i in range(0, len(pool), batch_size):
-            idx = np.arange(i, min(i + batch_size, len(pool)))
-            yield idx, pool.x(idx, device), pool.y(idx, device)
+    # ------------------------------------------------------------------ one pass
+    def _stream_plans(self, epoch: int, pi: int, spec: PassSpec, resume: Optional[Dict]) -> List[StreamPlan]:
+        for r in spec.routes:
+            if r.per_step % self.n_streams:
+                raise ValueError(f"pass {spec.name}: {r.per_step} samples per step for part '{r.name}' "
+                                 f"do not split over data.streams={self.n_streams}; make train.batch_size "
+                                 f"a multiple of data.streams")
+        plans = plan_streams(spec, self.index["shards"], self.n_streams, (self.cfg.run.seed, epoch, pi))
+        mine = rank_streams(plans, self.coll.rank, self.coll.world_size)
+        if resume is None:
+            return mine
+        saved = resume["rank"]["streams"]
+        out = []
+        for p in mine:
+            s = saved[str(p.stream)]
+            if [list(x) for x in p.shards] != s["shards"]:
+                raise ValueError(f"stream {p.stream} of pass {spec.name}: the shard order differs from "
+                                 "the checkpoint's (did the dataset or its state change?)")
+            out.append(replace(p, skip=tuple(int(s["taken"][r.name]) for r in spec.routes)))
+        return out
 
-    global_step = 0
-    samples_seen, compute_s = 0, 0.0
-    result = None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        t0 = time.time()
-        record: Dict = {"epoch": epoch}
-        record.update(method.begin_epoch(epoch, pool.Y, pool.true, passes))
-        t_divide = time.time() - t0
-        steps = method.plan_epoch(epoch, len(pool))
-        sums: Dict[str, float] = {}
-        data_s = step_s = 0.0
-        n_samples = 0
-        bar = progress(total=len(steps), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="step")
-        for i, step in enumerate(steps):
-            t1 = time.time()
-            batch = make_batch(pool, step, device)
-            t2 = time.time()
-            losses = method.update(batch)
-            t3 = time.time()
-            data_s += t2 - t1
-            step_s += t3 - t2
-            n = len(step.labeled) + (len(step.unlabeled) if step.unlabeled is not None else 0)
-            n_samples += n
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            global_step += 1
+    def _run_pass(self, epoch: int, pi: int, spec: PassSpec, acc: Dict, resume: Optional[Dict]) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        plans = self._stream_plans(epoch, pi, spec, resume)
+        rng = PassRng(cfg.run.seed, epoch, pi, [p.stream for p in plans], self.n_streams)
+        start = 0
+        taken = {p.stream: {r.name: (p.skip[i] if p.skip else 0) for i, r in enumerate(spec.routes)}
+                 for p in plans}
+        if resume is not None:
+            rng.load_state_dict(resume["rank"]["pass_rng"])
+            start = int(resume["meta"]["step"])
+        for e in self.engines:
+            e.sync_buffers()
+            e.set_lr(self.method.lr_at(epoch))
+        self.method.begin_pass(spec)
+        ctx = replace(self.stream_ctx, state_version=self.version)
+        bar = progress(total=spec.steps, initial=start, desc=f"epoch {epoch} {spec.name}", unit="step",
+                       disable=not self.main)
+        keys_log = self._keys_log()
+        for data in iterate_pass(ctx, spec, plans, self.n_streams, start, num_workers=d.num_workers,
+                                 prefetch=d.prefetch, shuffle_buffer=d.shuffle_buffer,
+                                 image_shape=self.image_shape):
+            t0 = time.perf_counter()
+            report_events(self.errors, data.errors, self.coll.rank)
+            parts = {n: to_device_part(p, self.device) for n, p in data.parts.items()}
+            batch = Batch(spec=spec, epoch=epoch, step=data.step, parts=parts, sizes=data.sizes,
+                          rng=rng, progress=data.step / max(1, spec.steps))
+            out = self.method.update(batch)
+            engine = self.engines[out.net]
+            engine.backward(out.loss)
+            engine.step()
+            self.method.after_step(batch, out)
+            acc["compute_s"] += time.perf_counter() - t0
+            acc["wait_s"] += data.wait_s
+            acc["steps"] += 1
+            acc["samples"] += sum(len(p) for p in parts.values())
+            for k, v in out.logs.items():
+                acc["sums"][k] = acc["sums"].get(k, 0.0) + v
+                acc["counts"][k] = acc["counts"].get(k, 0) + 1
+            for s, t in data.taken.items():
+                taken[s] = t
+            if keys_log is not None:
+                for name, p in data.parts.items():
+                    keys_log.write("".join(f"{epoch} {pi} {data.step} {name} {k}\n" for k in p.keys))
+                keys_log.flush()
+            self.global_step += 1
             bar.update(1)
-            if i % cfg.train.log_every == 0:
-                bar.set_postfix(samples_s=f"{n_samples / max(step_s + data_s, 1e-9):.0f}",
-                                **{k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items()
+            if data.step % cfg.train.log_every == 0:
+                bar.set_postfix(samples_s=f"{acc['samples'] / max(acc['compute_s'] + acc['wait_s'], 1e-9):.0f}",
+                                **{k.split("/")[-1]: f"{v:.3f}" for k, v in out.logs.items()
                                    if k.startswith("loss/")})
-            if cfg.train.stop_after_steps and global_step >= cfg.train.stop_after_steps:
+            every = cfg.train.checkpoint_every
+            if every and self.global_step % every == 0:
+                self._checkpoint(epoch, pi, data.step + 1, True, acc,
+                                 {"streams": {str(p.stream): {"shards": [list(x) for x in p.shards],
+                                                              "taken": taken[p.stream]} for p in plans},
+                                  "pass_rng": rng.state_dict()})
+            if cfg.train.stop_after_steps and self.global_step >= cfg.train.stop_after_steps:
                 bar.close()
-                raise RunKilled(f"stopped after {global_step} steps (train.stop_after_steps)")
+                raise RunKilled(f"stopped after {self.global_step} steps (train.stop_after_steps)")
         bar.close()
-        samples_seen += n_samples
-        compute_s += step_s
-        record.update({k: v / max(len(steps), 1) for k, v in sums.items()})
-        result = evaluate(method, test, device, cfg.train.eval_batch_size)
-        for name, acc in result["acc"].items():
-            record[f"test_acc_{name}"] = acc
-        record.update({"lr": method.lr_at(epoch), "steps": len(steps),
-                       "samples_per_s": n_samples / max(step_s, 1e-9),
-                       "data_wait_s": data_s, "compute_s": step_s, "divide_s": t_divide,
-                       "epoch_s": time.time() - t0})
-        log.log_epoch(record)
-        save_checkpoint(run_dir, epoch, method, {"config": to_dict(cfg)})
-        accs = "  ".join(f"{k}={v:.2%}" for k, v in result["acc"].items())
-        sizes = "  ".join(f"|P{k}|={record[f'n_p_net{k}']}" for k in (1, 2) if f"n_p_net{k}" in record)
-        print(f"epoch {epoch}: {accs}  {sizes}  {record['samples_per_s']:.0f} samples/s "
-              f"({record['epoch_s']:.1f}s)", flush=True)
-    if result is None:      # resumed a finished run: evaluate the restored networks
-        result = evaluate(method, test, device, cfg.train.eval_batch_size)
-    log.close()
-    if errors.total:
-        print(f"data problems: {errors.counts} (see report.json)", flush=True)
+        if keys_log is not None:
+            keys_log.close()
 
-    report = build_report(cfg, manifest, result, method, time.time() - t_start, device,
-                          config_file, errors, samples_seen / max(compute_s, 1e-9))
-    confusion = np.zeros((K, K), dtype=np.int64)
-    np.add.at(confusion, (test.true, result["pred"]), 1)
-    table = write_report(run_dir, report, log.history(), confusion, manifest.classes)
-    print(table, flush=True)
-    gain = format_gain(report, emphasis="")
-    if gain:
-        print(gain, flush=True)
-    return report
+    def _keys_log(self):
+        if not self.cfg.train.log_keys:
+            return None
+        os.makedirs(os.path.join(self.run_dir, "keys"), exist_ok=True)
+        return open(os.path.join(self.run_dir, "keys", f"rank_{self.coll.rank}.txt"), "a")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict:
+        """Test accuracy of each network and of the ensemble; the confusion matrix (C <= 256)."""
+        for e in self.engines:
+            e.sync_buffers()
+        K = self.K
+        confusion = np.zeros((K, K), dtype=np.int64) if K <= 256 else None
+        correct: Dict[str, int] = {}
+        n = 0
+        ctx = replace(self.stream_ctx, column="", state_version=-1)
+        for b in iterate_sweep(ctx, self.test_sweep, self.cfg.train.eval_batch_size,
+                               image_shape=self.image_shape, need_label=True,
+                               num_workers=self.cfg.data.num_workers, prefetch=self.cfg.data.prefetch):
+            report_events(self.errors, b.errors, self.coll.rank)
+            if not len(b.part):
+                continue
+            part = to_device_part(b.part, self.device)
+            out = self.method.predict_each(part.x)
+            for name, logits in out.items():
+                correct[name] = correct.get(name, 0) + int((logits.argmax(1) == part.true).sum())
+            final = out.get("ensemble", out["net1"]).argmax(1).cpu().numpy()
+            if confusion is not None:
+                np.add.at(confusion, (b.part.true, final), 1)
+            n += len(part)
+        merged: Dict[str, int] = {}
+        for c in self.coll.all_gather_object(correct):
+            for k, v in c.items():
+                merged[k] = merged.get(k, 0) + v
+        n = self.coll.sum(n)
+        if confusion is not None:
+            confusion = self.coll.sum(confusion)
+        if n == 0:
+            raise ValueError("the test split has no labelled sample to evaluate on")
+        return {"acc": {k: v / n for k, v in sorted(merged.items())}, "n": n, "confusion": confusion}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, epoch: int, pi: int, step: int, mid_epoch: bool, acc: Dict,
+                    rank_extra: Optional[Dict] = None) -> None:
+        for e in self.engines:
+            e.sync_buffers()
+        meta = {"epoch": epoch, "pass_index": pi, "step": step, "mid_epoch": mid_epoch,
+                "global_step": self.global_step, "method": self.method.name,
+                "world_size": self.coll.world_size, "streams": self.n_streams,
+                "state_version": self.version, "config": to_jsonable(to_dict(self.cfg)),
+                "epoch_record": to_jsonable(acc.get("record", {}))}
+        model = {"method": self.method.state_dict(), "engines": [e.state_dict() for e in self.engines]}
+        rank_state = {"rng": rng_state(), "errors": self.errors.state_dict(),
+                      "acc": {k: v for k, v in acc.items() if k != "record"}, **(rank_extra or {})}
+        save_checkpoint(self.run_dir, self.coll, meta, model, rank_state, keep=self.cfg.train.keep_checkpoints)
+        if self.main:
+            self.store.prune(kept_state_versions(self.run_dir) | {self.version})
+        self.coll.barrier()
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Dict:
+        self._setup()
+        cfg, coll = self.cfg, self.coll
+        start_epoch, resume = self._start()
+        self.log(f"{cfg.train.method}: {self.index['totals']['n']} training samples "
+                 f"({len(self.index['shards'])} shards), {self.K} classes, "
+                 f"{self.transform.channels}x{self.transform.size}px, backbone {cfg.model.backbone}, "
+                 f"device {self.device}, {coll.world_size} rank(s), {self.n_streams} streams")
+        log = MetricsLogger(self.run_dir, resume_epoch=start_epoch) if self.main else None
+        result = None
+        samples_seen = compute_s = wait_s = 0.0
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.time()
+            ectx = EpochContext(epoch=epoch, cfg=cfg, coll=coll, device=self.device, store=self.store,
+                                version=self.version, index=self.index, stream_ctx=self.stream_ctx,
+                                sweep_shards=self.train_sweep, image_shape=self.image_shape,
+                                errors=self.errors)
+            if resume is None:
+                for e in self.engines:
+                    e.sync_buffers()
+                record = {"epoch": epoch, **self.method.begin_epoch(epoch, ectx)}
+                self.version, self.index = ectx.version, ectx.index
+                acc = {"sums": {}, "counts": {}, "steps": 0, "samples": 0, "compute_s": 0.0,
+                       "wait_s": ectx.data_wait_s, "divide_s": time.time() - t0}
+                first_pass = 0
+            else:
+                self.method.epoch = epoch
+                record = dict(resume["meta"]["epoch_record"])
+                acc = dict(resume["rank"]["acc"])
+                first_pass = int(resume["meta"]["pass_index"])
+            acc["record"] = record
+            passes = self.method.plan_epoch(epoch, ectx)
+            for pi in range(first_pass, len(passes)):
+                self._run_pass(epoch, pi, passes[pi], acc, resume if pi == first_pass else None)
+            resume = None
+            result = self.evaluate()
+            record.update(self._epoch_record(epoch, acc, result, time.time() - t0))
+            samples_seen += acc["samples"]
+            compute_s += acc["compute_s"]
+            wait_s += acc["wait_s"]
+            if log is not None:
+                log.log_epoch(record)
+            self._checkpoint(epoch + 1, 0, 0, False, {})   # named by where the run continues
+            accs = "  ".join(f"{k}={v:.2%}" for k, v in result["acc"].items())
+            sizes = "  ".join(f"|P{k}|={record[f'n_p_net{k}']}" for k in (1, 2) if f"n_p_net{k}" in record)
+            self.log(f"epoch {epoch}: {accs}  {sizes}  {record['samples_per_s']:.0f} samples/s per rank, "
+                     f"data wait {record['data_wait_fraction']:.0%} ({record['epoch_s']:.1f}s)")
+        if result is None:      # resumed a finished run: evaluate the restored networks
+            result = self.evaluate()
+        return self._finish(result, log, samples_seen / max(compute_s + wait_s, 1e-9),
+                            wait_s / max(compute_s + wait_s, 1e-9))
+
+    def _epoch_record(self, epoch: int, acc: Dict, result: Dict, seconds: float) -> Dict:
+        """Per-epoch metrics, averaged over ranks (loss keys may differ between ranks)."""
+        coll = self.coll
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        for r in coll.all_gather_object({"s": acc["sums"], "c": acc["counts"]}):
+            for k, v in r["s"].items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + r["c"][k]
+        rec = {k: sums[k] / max(counts[k], 1) for k in sorted(sums)}
+        for name, a in result["acc"].items():
+            rec[f"test_acc_{name}"] = a
+        busy = acc["compute_s"] + acc["wait_s"]
+        rec.update({"lr": self.method.lr_at(epoch), "steps": acc["steps"],
+                    "samples_per_s": acc["samples"] / max(busy, 1e-9),
+                    "data_wait_fraction": acc["wait_s"] / max(busy, 1e-9),
+                    "data_wait_s": acc["wait_s"], "compute_s": acc["compute_s"],
+                    "divide_s": acc.get("divide_s", 0.0), "epoch_s": seconds,
+                    "world_size": coll.world_size})
+        return rec
+
+    def _finish(self, result: Dict, log, samples_per_s: float, wait_fraction: float) -> Dict:
+        coll = self.coll
+        in_sync = coll.parameters_in_sync(self.method.networks())
+        errors = ErrorLog.combine(coll.all_gather_object(self.errors.summary()))
+        if not self.main:
+            return {}
+        if sum(errors["counts"].values()):
+            self.log(f"data problems (all ranks): {errors['counts']} (see report.json)")
+        report = build_report(self.cfg, self.manifest, result, self.method,
+                              time.time() - self.t_start, self.device, self.config_file, errors,
+                              samples_per_s, wait_fraction)
+        report.update({"world_size": coll.world_size, "streams": self.n_streams,
+                       "engine": self.engines[0].name, "ranks_in_sync": in_sync,
+                       "train_samples": int(self.index["totals"]["n"])})
+        history = log.history()
+        log.close()
+        table = write_report(self.run_dir, report, history, result["confusion"], self.manifest.classes)
+        print(table, flush=True)
+        gain = format_gain(report, emphasis="")
+        if gain:
+            print(gain, flush=True)
+        return report
 
 
 def build_report(cfg, manifest, result, method, seconds, device, config_file, errors,
-                 samples_per_s) -> Dict:
+                 samples_per_s, wait_fraction) -> Dict:
     report: Dict = {"method": method.name, "dataset": manifest.name, "column": cfg.train.column}
     info = read_column_info(cfg.data.root, cfg.train.column) or {}
     splits = info.get("splits", {})
@@ -218,7 +437,12 @@ def build_report(cfg, manifest, result, method, seconds, device, config_file, er
     if method.num_networks == 1:
         report["test_acc_net1"] = acc["net1"]
     report.update({"epochs": cfg.train.epochs, "seconds": round(seconds, 1),
-                   "samples_per_s": round(samples_per_s, 1), "device": device,
+                   "samples_per_s": round(samples_per_s, 1),
+                   "data_wait_fraction": round(wait_fraction, 4), "device": device,
                    "backbone": cfg.model.backbone, "config_file": config_file,
-                   "data_errors": errors.summary()})
+                   "test_samples": int(result["n"]), "data_errors": errors})
     return report
+
+
+def train(cfg: Config, device: str) -> Dict:
+    return Trainer(cfg, device).run()

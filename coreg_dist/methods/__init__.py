@@ -1,5 +1,8 @@
-"""Method registry: Co-Reg and the baselines share one trainer (see base.py for the interface)."""
-from coreg_dist.methods.base import (Batch, DataInfo, Method, Step, build_method, list_methods,
-                                     register_method)
+"""Method registry: Co-Reg and the baselines share one trainer (base.py: the interface;
+registry.py: registration and discovery; one module per method)."""
+from coreg_dist.methods.base import (Batch, BatchPart, DataInfo, Method, PassRng, StepOutput,
+                                     build_method, per_stream)
+from coreg_dist.methods.registry import get_method, list_methods, register_method
 
-__all__ = ["Batch", "DataInfo", "Method", "Step", "build_method", "list_methods", "register_method"]
+__all__ = ["Batch", "BatchPart", "DataInfo", "Method", "PassRng", "StepOutput", "build_method",
+           "get_method", "list_methods", "per_stream", "register_method"]

@@ -1,59 +1,38 @@
 """The algorithm interface shared by Co-Reg and every baseline (DomainBed / PLENCH style).
 
-The trainer owns data, schedule, evaluation, checkpoints and logs; a method owns its networks,
-optimisers and per-sample state and answers four questions:
+The trainer owns data, engines (backward, gradient sync, optimizer and LR steps), evaluation,
+checkpoints and logs; a method owns its networks and per-sample state and answers:
 
-  begin_epoch(epoch, pool, passes)  what to do before the epoch (Co-Reg: co-divide)   -> metrics
-  plan_epoch(epoch, pool)           which samples each optimiser step sees           -> [Step]
-  update(batch)                     one optimiser step                               -> losses
-  predict(x) / predict_each(x)      logits for evaluation
+  state_fields()                     per-sample state it keeps (FieldSpec per name)
+  begin_epoch(epoch, ctx)            the per-epoch sweep (Co-Reg: co-divide) -> metrics
+  plan_epoch(epoch, ctx)             its passes: which network, how many steps, and how samples
+                                     route into each batch part (a predicate on the state,
+                                     e.g. "w2 > 0.5" = P of network 2)   -> [PassSpec]
+  update(batch)                      the losses of one step             -> StepOutput
+  after_step(batch, out)             updates after the optimizer step (EMA, queues, prototypes)
+  predict_each(x)                    logits for evaluation
+  state_dict() / load_state_dict()   everything but the optimizers and the per-sample state
 
-`state_dict()` / `load_state_dict()` persist everything but the per-sample state, which the
-trainer saves per shard from `method.sample_state`.
+Randomness of a step is per stream (`batch.rng.gens[i]` for the i-th local stream) plus one
+generator every rank shares (`batch.rng.shared`), so a batch is augmented the same way whether
+its streams sit on one rank or several. `per_stream(fn, x, part, batch)` applies a batched
+augmentation chunk by chunk.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from coreg_dist.augment import strong_augment, weak_augment
+from coreg_dist.data.stream import PassSpec, Route, seed_of
+from coreg_dist.methods.registry import get_method, list_methods, register_method  # noqa: F401
 from coreg_dist.models import build_network
-
-_METHODS: Dict[str, type] = {}
-
-
-def register_method(name: str):
-    def deco(cls):
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} already registered")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return deco
-
-
-def _register_builtin_methods() -> None:
-    # Imported here, not at module top: the method modules import this one.
-    from coreg_dist.methods import coreg, pce  # noqa: F401  (registration side effect)
-
-
-def list_methods() -> List[str]:
-    _register_builtin_methods()
-    return sorted(_METHODS)
-
-
-def build_method(name: str, cfg, data_info: "DataInfo", device: str) -> "Method":
-    _register_builtin_methods()
-    if name not in _METHODS:
-        raise ValueError(f"config key 'train.method': unknown method {name!r}; "
-                         f"known: {', '.join(list_methods())}")
-    return _METHODS[name](cfg, data_info, device)
+from coreg_dist.state import FieldSpec
 
 
 @dataclass
@@ -61,62 +40,100 @@ class DataInfo:
     num_classes: int
     in_channels: int
     image_size: int
-    shard_names: List[str]
-    shard_keys: List[List[str]]        # keys per shard, in pool order
-    flip: bool = True                  # horizontal flips preserve the class (not for digits, text)
+    num_train: int = 0                 # training samples (global), known before the first epoch
+    flip: bool = True                  # horizontal flips preserve the class (train.flip)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+class PassRng:
+    """The random streams of one pass on this rank: a torch generator per local stream and one
+    numpy generator identical on every rank. Seeds come from (seed, epoch, pass, stream)."""
+
+    def __init__(self, seed: int, epoch: int, pass_index: int, streams: List[int], n_streams: int):
+        self.streams, self.n_streams = list(streams), n_streams
+        self.gens = [make_generator(seed_of(seed, epoch, pass_index, s, 7)) for s in self.streams]
+        self.shared = np.random.default_rng(seed_of(seed, epoch, pass_index, 9))
+
+    def state_dict(self) -> Dict:
+        return {"streams": self.streams, "gens": [g.get_state() for g in self.gens],
+                "shared": self.shared.bit_generator.state}
+
+    def load_state_dict(self, s: Dict) -> None:
+        if list(s["streams"]) != self.streams:
+            raise ValueError(f"random state saved for streams {s['streams']}, this rank has {self.streams}")
+        for g, st in zip(self.gens, s["gens"]):
+            g.set_state(st)
+        self.shared.bit_generator.state = s["shared"]
 
 
 @dataclass
-class Step:
-    net: int                           # which network this step trains
-    labeled: np.ndarray                # global pool indices
-    unlabeled: Optional[np.ndarray] = None
+class BatchPart:
+    x: torch.Tensor                    # (n, C, H, W) float in [0, 1] on the device
+    Y: Optional[torch.Tensor]          # (n, K) float candidate multi-hot
+    true: torch.Tensor                 # (n,) long, -1 unknown (logging only, never learning)
+    keys: List[str]
+    attach: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 @dataclass
 class Batch:
-    step: Step
-    x: torch.Tensor                    # (B, C, H, W) float in [0, 1]
-    Y: torch.Tensor                    # (B, K) candidate multi-hot, float
-    u: Optional[torch.Tensor] = None
-    uY: Optional[torch.Tensor] = None
-    true: Optional[torch.Tensor] = None    # for logging only, never for learning
+    spec: PassSpec
+    epoch: int
+    step: int                          # step within the pass
+    parts: Dict[str, BatchPart]
+    sizes: Dict[str, List[int]]        # per part: rows contributed by each local stream
+    rng: PassRng
+    progress: float = 0.0              # step / steps of the pass, for within-epoch ramps
 
 
-# A pass over the whole pool in fixed order, given by the trainer: yields (indices, x, Y).
-PoolPasses = Callable[[int], Iterator[Tuple[np.ndarray, torch.Tensor, torch.Tensor]]]
+@dataclass
+class StepOutput:
+    net: int                           # the network whose engine steps
+    loss: torch.Tensor
+    logs: Dict[str, float] = field(default_factory=dict)
+    extra: Dict = field(default_factory=dict)      # what after_step needs
 
 
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU torch generator from an explicit formula of (seed, epoch, ...), so that a run
-    resumed at an epoch boundary draws exactly the same random numbers."""
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]))
-    return g
+def per_stream(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], x: torch.Tensor,
+               sizes: List[int], gens: List[torch.Generator]) -> torch.Tensor:
+    """Apply a batched random op stream by stream, each chunk with its stream's generator."""
+    if len(sizes) == 1:
+        return fn(x, gens[0])
+    return torch.cat([fn(c, g) for c, g in zip(x.split(sizes), gens)])
 
 
 class Method:
     name = ""
     num_networks = 1
 
-    def __init__(self, cfg, info: DataInfo, device: str):
-        self.cfg, self.info, self.device = cfg, info, device
-        self.sample_state = None
+    def __init__(self, cfg, info: DataInfo, device: str, coll):
+        self.cfg, self.info, self.device, self.coll = cfg, info, device, coll
+        self.engines: List = []
         self.epoch = 0
 
     # ------------------------------------------------------------------ shared helpers
     def make_network(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         net = build_network(self.cfg.model.backbone, self.info.num_classes, self.info.in_channels,
-                            self.info.image_size, proj_dim=self.cfg.model.proj_dim).to(self.device)
+                            self.info.image_size, proj_dim=self.cfg.model.proj_dim)
+        net = net.to(self.device)
+        if self.cfg.model.sync_bn:        # after .to(): on CUDA torch's SyncBatchNorm, else ours
+            from coreg_dist.models.sync_bn import convert_sync_batchnorm
+            net = convert_sync_batchnorm(net)
         if self.cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
 
-    def make_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        return torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum,
-                               weight_decay=t.weight_decay)
+    def attach_engines(self, engines: List) -> None:
+        self.engines = list(engines)
 
     def lr_at(self, epoch: int) -> float:
         """Cosine from lr to lr * lr_min_ratio over lr_period epochs ([C] 800; 0 = the run)."""
@@ -125,47 +142,49 @@ class Method:
         lo = t.lr * t.lr_min_ratio
         return lo + (t.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(epoch, period) / period))
 
-    def set_lr(self, optimizers, epoch: int) -> float:
-        lr = self.lr_at(epoch)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-        return lr
+    def weak(self, batch: Batch, part: str, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = batch.parts[part].x if x is None else x
+        t = self.cfg.train
+        return per_stream(lambda c, g: weak_augment(c, pad=t.crop_pad, flip=self.info.flip, generator=g),
+                          x, batch.sizes[part], batch.rng.gens)
 
-    def weak(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def strong(self, batch: Batch, part: str, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = batch.parts[part].x if x is None else x
+        t = self.cfg.train
+        return per_stream(lambda c, g: strong_augment(c, pad=t.crop_pad, flip=self.info.flip,
+                                                      n_ops=t.randaug_ops,
+                                                      cutout=None if t.cutout < 0 else t.cutout,
+                                                      generator=g),
+                          x, batch.sizes[part], batch.rng.gens)
+
+    def weak_one(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Weak view of a sweep batch (one generator: the shard's)."""
         return weak_augment(x, pad=self.cfg.train.crop_pad, flip=self.info.flip, generator=gen)
 
-    def strong(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        t = self.cfg.train
-        return strong_augment(x, pad=t.crop_pad, flip=self.info.flip, n_ops=t.randaug_ops,
-                              cutout=None if t.cutout < 0 else t.cutout, generator=gen)
-
-    def autocast(self):
-        if not self.cfg.model.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
-
-    def forward(self, net: nn.Module, x: torch.Tensor, with_proj: bool = False):
-        """Forward under the configured precision; outputs back in float32 for the losses."""
-        if self.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            out = net(x, with_proj=with_proj)
-        if with_proj:
-            return out[0].float(), out[1].float()
-        return out.float()
+    def forward(self, k: int, x: torch.Tensor, with_proj: bool = False, module: nn.Module = None):
+        return self.engines[k].forward(x, with_proj=with_proj, module=module)
 
     # ------------------------------------------------------------------ interface
-    def begin_epoch(self, epoch: int, Y_all: np.ndarray, true_all: np.ndarray,
-                    passes: PoolPasses) -> Dict:
+    def state_fields(self) -> Dict[str, FieldSpec]:
+        return {}
+
+    def begin_epoch(self, epoch: int, ctx) -> Dict:
         self.epoch = epoch
         return {}
 
-    def plan_epoch(self, epoch: int, n: int) -> List[Step]:
+    def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
+        """Default: one pass over every sample per epoch, batch B, network 0."""
+        B = self.cfg.train.batch_size
+        return [PassSpec("train", 0, steps=max(1, math.ceil(ctx.num_train / B)), routes=(Route("x", B),))]
+
+    def begin_pass(self, spec: PassSpec) -> None:
+        pass
+
+    def update(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 
-    def update(self, batch: Batch) -> Dict[str, float]:
-        raise NotImplementedError
+    def after_step(self, batch: Batch, out: StepOutput) -> None:
+        pass
 
     def networks(self) -> List[nn.Module]:
         raise NotImplementedError
@@ -176,7 +195,7 @@ class Method:
         out = {}
         for i, net in enumerate(self.networks()):
             net.eval()
-            out[f"net{i + 1}"] = self.forward(net, x)
+            out[f"net{i + 1}"] = self.forward(i, x)
         if len(out) > 1:
             out["ensemble"] = sum(out.values())
         return out
@@ -186,7 +205,16 @@ class Method:
         return each.get("ensemble", each["net1"])
 
     def state_dict(self) -> Dict:
-        raise NotImplementedError
+        return {"nets": [n.state_dict() for n in self.networks()]}
 
     def load_state_dict(self, state: Dict) -> None:
-        raise NotImplementedError
+        for n, s in zip(self.networks(), state["nets"]):
+            n.load_state_dict(s)
+
+
+def build_method(name: str, cfg, info: DataInfo, device: str, coll) -> Method:
+    return get_method(name)(cfg, info, device, coll)
+
+
+__all__ = ["Batch", "BatchPart", "DataInfo", "Method", "PassRng", "StepOutput", "build_method",
+           "list_methods", "per_stream", "register_method"]

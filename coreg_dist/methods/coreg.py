@@ -2,34 +2,90 @@
 
     coreg-train --config configs/demo.yaml                              # the full method
     coreg-train --config configs/demo.yaml coreg.contrastive=false      # an ablation
+    torchrun --nproc_per_node=2 -m train.cli --config configs/demo.yaml # the same on 2 ranks
 
-One epoch, after warm-up (method page section 2):
-  begin_epoch   co-divide for each network k: weak-view predictions of every sample, [DA],
-                masked prediction (kept per sample), division loss, [min-max], 5-epoch history,
-                2-component GMM -> w_k and the split P_k / U_k. Both splits before any training.
-  plan_epoch    network B trains on the split of A (cross use): |P_A| / batch steps.
+One epoch, after warm-up (docs/coreg-method.md section 2):
+  begin_epoch   co-divide, a streamed sweep over the rank's shards for both networks: weak-view
+                predictions -> [DA with the all-reduced mean] -> masked prediction and division
+                loss into each shard's state -> [min-max with the all-reduced min/max] -> history
+                -> 2-component GMM fitted on all ranks' losses (all-reduced sufficient statistics)
+                -> w_k and the split P_k / U_k in the state. Both splits before any training.
+  plan_epoch    network B trains on the split of A (cross use): |P_A| / B + 1 steps; each batch
+                takes B samples routed by "w_A > 0.5" (P) and B by "w_A <= 0.5" (U).
   update        co-pseudo-labels (no grad) -> MixUp of 2 strong views of x and u -> L_pseu;
-                prototype loss, noisy contrastive loss (after warm_up + feature_start);
-                prototype EMA update, MoCo queue, key-encoder EMA.
+                prototype loss, noisy contrastive loss (after warm_up + feature_start) over the
+                global batch (queries gathered with their gradient).
+  after_step    prototype EMA and MoCo queue from all ranks' samples, key-encoder EMA.
 Warm-up epochs train each network with partial CE + negative entropy on all samples.
+
+Distributed: every global quantity goes through the collectives object (`self.coll`); with
+`data.streams` fixed and `model.sync_bn=true`, one process and W ranks train the same networks
+(up to float summation order): augmentation and MixUp draw per stream, the contrastive loss sees
+the global batch, prototypes and queues are updated with every rank's samples in rank order.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+import math
+from dataclasses import dataclass
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coreg_dist.data.stream import PassSpec, Route
 from coreg_dist.gmm import fit_gmm_1d, posterior_low_mean
 from coreg_dist.losses import (co_guess_unlabeled, distribution_align, division_loss,
                                label_space_loss, linear_rampup, masked_prediction, minmax_normalize,
-                               mixup, noisy_supcon_loss, partial_ce, negative_entropy,
+                               mixup, negative_entropy, noisy_supcon_loss, partial_ce,
                                prototype_loss, refine_labeled, sharpen, update_prototypes)
-from coreg_dist.methods.base import (Batch, DataInfo, Method, PoolPasses, Step, register_method,
-                                     seeded_generator)
-from coreg_dist.state import FieldSpec, SampleState
+from coreg_dist.methods.base import Batch, DataInfo, Method, StepOutput
+from coreg_dist.methods.registry import register_method
+from coreg_dist.state import FieldSpec
+
+
+@dataclass
+class CoRegConfig:
+    """Every Co-Reg component, switchable for the paper's ablations. Defaults follow the authors' code."""
+    warm_up: int = 10                 # epochs of partial-CE warm-up
+    warmup_neg_entropy: bool = True
+    # co-divide
+    co_divide: bool = True            # false: every sample is P with w = 1
+    distribution_alignment: bool = True
+    minmax_normalize: bool = True
+    loss_history: int = 5             # epochs of division loss averaged
+    gmm_max_iter: int = 10
+    gmm_tol: float = 1e-2
+    gmm_reg_covar: float = 5e-4
+    p_threshold: float = 0.5
+    cross_use: bool = True            # false: each network trains on its own split
+    # co-pseudo-labels
+    co_pseudo_label: bool = True      # false: targets from the network's own predictions only
+    refine_labeled: bool = True
+    co_guess_unlabeled: bool = True
+    sharpen_temperature: float = 0.5
+    use_unlabeled: bool = True        # false: discard U (ablation)
+    # label space
+    mixup: bool = True
+    mixup_alpha: float = 4.0
+    lambda_u: float = 1.0
+    rampup_epochs: int = 16
+    # feature space
+    feature_start: int = 10           # feature terms back-propagated after warm_up + this many epochs
+    prototypes: bool = True
+    proto_weight: float = 0.1
+    proto_temperature: float = 0.3
+    proto_momentum: float = 0.999
+    contrastive: bool = True
+    noisy_contrastive: bool = True    # false: plain SupCon masks (ablation)
+    cont_weight: float = 0.1
+    cont_temperature: float = 0.07
+    queue_size: int = 8192
+    moco_momentum: float = 0.999
+    ensemble: bool = True             # predict with logits_1 + logits_2
+
+
 
 
 class MoCoQueue:
@@ -63,32 +119,50 @@ class MoCoQueue:
         self.ptr, self.filled = int(s["ptr"]), int(s["filled"])
 
 
-@register_method("coreg")
+def canonical_order(per_stream: Dict[str, int], parts: List[str], n_streams: int, world: int) -> torch.Tensor:
+    """Index that reorders an all-gathered batch (rank by rank: each rank's parts, each part
+    stream by stream) into the order one process holding every stream has (part by part,
+    stream by stream), so that queue and prototype updates do not depend on the world size."""
+    local = n_streams // world
+    rank_rows = sum(per_stream[p] * local for p in parts)
+    idx = []
+    for p in parts:
+        part_off = sum(per_stream[q] * local for q in parts[:parts.index(p)])
+        for s in range(n_streams):
+            r, j = s % world, s // world
+            start = r * rank_rows + part_off + j * per_stream[p]
+            idx.extend(range(start, start + per_stream[p]))
+    return torch.as_tensor(idx, dtype=torch.long)
+
+
+@register_method("coreg", config=CoRegConfig)
 class CoReg(Method):
     num_networks = 2
 
-    def __init__(self, cfg, info: DataInfo, device: str):
-        super().__init__(cfg, info, device)
+    def __init__(self, cfg, info: DataInfo, device: str, coll):
+        super().__init__(cfg, info, device, coll)
         c = cfg.coreg
         self.c = c
-        # Two networks, same architecture, different initialisation, one optimiser each.
+        # Two networks, same architecture, different initialisation, one engine each.
         self.nets = [self.make_network(cfg.run.seed * 2 + 1), self.make_network(cfg.run.seed * 2 + 2)]
-        self.opts = [self.make_optimizer(n) for n in self.nets]
         self.keys = [self._key_encoder(n) for n in self.nets]
         self.queues = [MoCoQueue(c.queue_size, cfg.model.proj_dim, device) for _ in self.nets]
         # [C] one set of prototypes shared by both networks; they start at zero.
         self.prototypes = torch.zeros(info.num_classes, cfg.model.proj_dim, device=device)
         self.history_len = 0          # co-divide epochs recorded in the loss history
-        K, H = info.num_classes, max(1, c.loss_history)
-        fields = {}
+        self._order = None
+
+    def state_fields(self) -> Dict[str, FieldSpec]:
+        H = max(1, self.c.loss_history)
+        fields = {"cover": FieldSpec((), "int8", -1)}            # true label in S (-1 unknown)
         for k in range(2):
-            fields[f"pred{k}"] = FieldSpec((K,), "float32", 0.0)   # masked DA prediction of net k
-            fields[f"w{k}"] = FieldSpec((), "float32", 1.0)         # GMM clean posterior of net k
-            fields[f"hist{k}"] = FieldSpec((H,), "float32", np.nan)  # division-loss history
-        self.sample_state = SampleState(fields)
-        for shard, keys in zip(info.shard_names, info.shard_keys):
-            self.sample_state.add_shard(shard, keys)
-        self.few_shot_idx = np.zeros(0, dtype=np.int64)
+            fields[f"pred{k}"] = FieldSpec(dtype="float32", per_candidate=True)  # masked DA prediction
+            fields[f"w{k}"] = FieldSpec((), "float32", 1.0)        # GMM clean posterior of net k
+            fields[f"hist{k}"] = FieldSpec((H,), "float32", np.nan)  # normalised division-loss history
+            fields[f"loss{k}"] = FieldSpec((), "float32", np.nan)    # this epoch's division loss
+            fields[f"avg{k}"] = FieldSpec((), "float32", np.nan)     # history mean: the GMM's input
+            fields[f"hit{k}"] = FieldSpec((), "int8", -1)            # masked argmax == true label
+        return fields
 
     # ------------------------------------------------------------------ helpers
     def _key_encoder(self, net):
@@ -127,157 +201,218 @@ class CoReg(Method):
     def features_on(self, epoch: int) -> bool:
         return epoch >= self.c.warm_up + self.c.feature_start
 
-    def set_few_shot(self, idx: np.ndarray) -> None:
-        """Samples with a manual label: Y was made one-hot by the trainer; here they are forced
-        into P with w = 1 for both networks [D]."""
-        self.few_shot_idx = np.asarray(idx, dtype=np.int64)
-
     # ------------------------------------------------------------------ co-divide
     @torch.no_grad()
-    def begin_epoch(self, epoch, Y_all, true_all, passes: PoolPasses) -> Dict:
+    def begin_epoch(self, epoch: int, ctx) -> Dict:
         self.epoch = epoch
-        self._Y_all = Y_all
         if self.in_warmup(epoch):
             return {}
         for k in range(2):
             self._copy_to_key(k)      # [C] key encoder re-copied at each epoch after warm-up
+            self.nets[k].eval()
+        c, K = self.c, self.info.num_classes
+        update = ctx.state_update(reset=("loss0", "loss1", "hit0", "hit1", "cover"))
+        mean = [None, None]
+        if c.distribution_alignment:
+            # The DA mean is over every sample of every rank: one sweep for the sums first.
+            sums, n = np.zeros((2, K)), 0
+            for item in ctx.sweep(tag=100):
+                if not len(item.part):
+                    continue
+                for k in range(2):
+                    p = F.softmax(self.forward(k, self.weak_one(item.part.x, item.generator(k))), 1)
+                    sums[k] += p.sum(0).double().cpu().numpy()
+                n += len(item.part)
+            sums, n = self.coll.sum(sums), self.coll.sum(n)
+            mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
+                    for k in range(2)]
+        for item in ctx.sweep(tag=100):          # the same generators: the same weak views
+            part, values = item.part, {}
+            if len(part):
+                Y = part.Y
+                known = part.true >= 0
+                cover = Y[torch.arange(len(part), device=Y.device), part.true.clamp_min(0)] > 0
+                values["cover"] = torch.where(known, cover.to(torch.int8), torch.full_like(cover, -1, dtype=torch.int8))
+                for k in range(2):
+                    p = F.softmax(self.forward(k, self.weak_one(part.x, item.generator(k))), 1)
+                    if mean[k] is not None:
+                        p = distribution_align(p, mean=mean[k])
+                    masked = masked_prediction(p, Y)
+                    values[f"pred{k}"] = masked[Y > 0]            # per candidate, in class order
+                    values[f"loss{k}"] = division_loss(p, Y)
+                    hit = (masked.argmax(1) == part.true).to(torch.int8)
+                    values[f"hit{k}"] = torch.where(known, hit, torch.full_like(hit, -1))
+            update.put(item.shard, part.keys, {n: v.cpu().numpy() for n, v in values.items()})
+            if item.last:
+                update.end_shard(item.shard)
+        update.finish_sweep()
         metrics = {}
-        if not self.c.co_divide:
+        if c.co_divide:
+            self.history_len += 1
             for k in range(2):
-                self.sample_state.set_all(f"w{k}", np.ones(len(Y_all), np.float32))
-                self._store_predictions(k, epoch, passes)
-            return self._split_metrics(Y_all, true_all)
-        losses = [self._store_predictions(k, epoch, passes) for k in range(2)]
-        self.history_len += 1
-        for k in range(2):
-            metrics.update(self._divide(k, losses[k]))
-        metrics.update(self._split_metrics(Y_all, true_all))
+                metrics.update(self._divide(k, update))
+        else:
+            update.map(lambda st: [st.arrays[f"w{k}"].fill(1.0) for k in range(2)])
+        thr = c.p_threshold
+        totals = update.commit(lambda st: self._shard_counts(st, thr))
+        metrics.update(self._split_metrics(totals))
         return metrics
 
-    def _store_predictions(self, k: int, epoch: int, passes: PoolPasses) -> np.ndarray:
-        """Weak-view predictions of net k on every sample -> [DA] -> masked prediction (kept per
-        sample); returns the division loss of every sample."""
-        net = self.nets[k]
-        net.eval()
-        gen = seeded_generator(self.cfg.run.seed, epoch, 100 + k)
-        st = self.sample_state
-        name = f"pred{k}"
-        for idx, x, Y in passes(self.cfg.train.eval_batch_size):
-            x = self.weak(x, gen)
-            st.scatter(name, idx, F.softmax(self.forward(net, x), dim=1).cpu().numpy())
-        probs = torch.from_numpy(st.all(name))
-        if self.c.distribution_alignment:
-            # The mean over all samples is a global quantity (an all-reduce in multi-rank runs).
-            probs = distribution_align(probs, mean=probs.mean(0))
-        Y_all = torch.from_numpy(self._Y_all).float()
-        st.set_all(name, masked_prediction(probs, Y_all).numpy().astype(np.float32))
-        return division_loss(probs, Y_all).numpy()
-
-    def _divide(self, k: int, loss: np.ndarray) -> Dict:
-        c, st = self.c, self.sample_state
-        if c.minmax_normalize:
-            loss = minmax_normalize(loss, loss.min(), loss.max())
+    def _divide(self, k: int, update) -> Dict:
+        c = self.c
+        lo, hi = update.local_range(f"loss{k}")
+        lo, hi = self.coll.min(lo), self.coll.max(hi)     # global min / max
         H = max(1, c.loss_history)
-        hist = st.all(f"hist{k}")
-        hist[:, (self.history_len - 1) % H] = loss
-        st.set_all(f"hist{k}", hist)
-        avg = np.nanmean(hist, axis=1)
-        gmm, info = fit_gmm_1d(avg, max_iter=c.gmm_max_iter, tol=c.gmm_tol, reg_covar=c.gmm_reg_covar)
-        w = np.asarray(posterior_low_mean(gmm, avg), dtype=np.float32)
-        if len(self.few_shot_idx):
-            w[self.few_shot_idx] = 1.0
-        st.set_all(f"w{k}", w)
+        slot = (self.history_len - 1) % H
+
+        def record(st):
+            loss = st.arrays[f"loss{k}"]
+            if c.minmax_normalize:
+                loss = minmax_normalize(loss, lo, hi)
+            st.arrays[f"hist{k}"][:, slot] = loss
+            hist = st.arrays[f"hist{k}"]
+            seen = ~np.isnan(hist).all(axis=1)
+            avg = np.full(len(st), np.nan, dtype=np.float32)
+            avg[seen] = np.nanmean(hist[seen], axis=1)
+            st.arrays[f"avg{k}"] = avg
+        update.map(record)
+        gmm, info = fit_gmm_1d(update.chunks(f"avg{k}"), max_iter=c.gmm_max_iter, tol=c.gmm_tol,
+                               reg_covar=c.gmm_reg_covar, allreduce=self.coll.allreduce_fn())
+
+        def weigh(st):
+            avg = st.arrays[f"avg{k}"]
+            w = np.zeros(len(st), dtype=np.float32)    # a sample never seen (corrupt image) is U
+            ok = ~np.isnan(avg)
+            if ok.any():
+                w[ok] = np.asarray(posterior_low_mean(gmm, avg[ok]), dtype=np.float32)
+            if "fixed" in st.arrays:
+                w[st.arrays["fixed"] >= 0] = 1.0     # [D] few-shot clean labels are always P
+            st.arrays[f"w{k}"] = w
+        update.map(weigh)
         return {f"gmm_means_net{k + 1}": [float(m) for m in gmm.means],
+                f"gmm_weights_net{k + 1}": [float(w) for w in gmm.weights],
+                f"gmm_vars_net{k + 1}": [float(v) for v in gmm.variances],
                 f"gmm_iter_net{k + 1}": int(info["n_iter"])}
 
-    def _split_metrics(self, Y_all, true_all) -> Dict:
+    @staticmethod
+    def _shard_counts(st, thr: float) -> Dict[str, int]:
+        out = {"n": len(st)}
+        for k in range(2):
+            P = st.arrays[f"w{k}"] > thr
+            out[f"p{k}"], out[f"u{k}"] = int(P.sum()), int((~P).sum())
+            for part, m in (("p", P), ("u", ~P)):
+                hit, cover = st.arrays[f"hit{k}"][m], st.arrays["cover"][m]
+                out[f"{part}{k}_known"] = int((hit >= 0).sum())
+                out[f"{part}{k}_hit"] = int((hit == 1).sum())
+                out[f"{part}{k}_cover"] = int((cover == 1).sum())
+        return out
+
+    @staticmethod
+    def _split_metrics(t: Dict[str, int]) -> Dict:
         """|P|, |U|, pseudo-label accuracy and candidate coverage of each network's split."""
         out = {}
-        known = true_all >= 0
         for k in range(2):
-            P = self.sample_state.all(f"w{k}") > self.c.p_threshold
-            out[f"n_p_net{k + 1}"], out[f"n_u_net{k + 1}"] = int(P.sum()), int((~P).sum())
-            if known.any():
-                pred = self.sample_state.all(f"pred{k}").argmax(1)
-                cover = Y_all[np.arange(len(Y_all)), np.maximum(true_all, 0)]
-                for part, m in (("p", P & known), ("u", ~P & known)):
-                    if m.any():
-                        out[f"{part}_label_acc_net{k + 1}"] = float((pred[m] == true_all[m]).mean())
-                        out[f"{part}_coverage_net{k + 1}"] = float(cover[m].mean())
+            out[f"n_p_net{k + 1}"], out[f"n_u_net{k + 1}"] = t[f"p{k}"], t[f"u{k}"]
+            for part in ("p", "u"):
+                known = t[f"{part}{k}_known"]
+                if known:
+                    out[f"{part}_label_acc_net{k + 1}"] = t[f"{part}{k}_hit"] / known
+                    out[f"{part}_coverage_net{k + 1}"] = t[f"{part}{k}_cover"] / known
         return out
 
     # ------------------------------------------------------------------ plan
-    def plan_epoch(self, epoch: int, n: int) -> List[Step]:
-        self.set_lr(self.opts, epoch)
-        rng = np.random.default_rng([self.cfg.run.seed, epoch, 7])
-        self.gens = [seeded_generator(self.cfg.run.seed, epoch, 200 + k) for k in range(2)]
-        self.mix_rng = np.random.default_rng([self.cfg.run.seed, epoch, 9])
-        B = self.cfg.train.batch_size
-        steps: List[Step] = []
-        if self.in_warmup(epoch):
-            for k in range(2):        # [C] warm-up: all samples, batch 2x
-                order = rng.permutation(n)
-                steps += [Step(k, order[i:i + 2 * B]) for i in range(0, n, 2 * B)]
-            return steps
+    def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
+        B, N = self.cfg.train.batch_size, ctx.num_train
+        if self.in_warmup(epoch):     # [C] warm-up: all samples, batch 2x, one network after the other
+            return [PassSpec(f"warmup_net{k + 1}", k, steps=max(1, math.ceil(N / (2 * B))),
+                             routes=(Route("x", 2 * B),)) for k in range(2)]
+        passes = []
         for b in range(2):
             a = 1 - b if self.c.cross_use else b
-            P = np.flatnonzero(self.sample_state.all(f"w{a}") > self.c.p_threshold)
-            U = np.flatnonzero(self.sample_state.all(f"w{a}") <= self.c.p_threshold)
-            if len(P) == 0:           # degenerate split: learn from all samples as P
-                P, U = np.arange(n), np.zeros(0, dtype=np.int64)
-            P = rng.permutation(P)
-            U = rng.permutation(U)
-            n_iter = len(P) // B + 1
-            use_u = self.c.use_unlabeled and len(U) > 0
-            for i in range(n_iter):
-                lab = P[np.arange(i * B, (i + 1) * B) % len(P)]
-                unl = U[np.arange(i * B, (i + 1) * B) % len(U)] if use_u else None
-                steps.append(Step(b, lab, unl))
-        return steps
+            P, U = ctx.totals[f"p{a}"], ctx.totals[f"u{a}"]
+            thr = self.c.p_threshold
+            if P == 0:                # degenerate split: learn from all samples as P
+                routes = (Route("x", B),)
+                P, U = N, 0
+            else:
+                routes = (Route("x", B, field=f"w{a}", op=">", value=thr, count_key=f"p{a}"),)
+            if self.c.use_unlabeled and U > 0:
+                routes += (Route("u", B, field=f"w{a}", op="<=", value=thr, count_key=f"u{a}"),)
+            passes.append(PassSpec(f"train_net{b + 1}", b, steps=P // B + 1, routes=routes,
+                                   attach=(f"w{a}", f"pred{a}")))
+        return passes
+
+    def begin_pass(self, spec: PassSpec) -> None:
+        self._order = None
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: Batch) -> Dict[str, float]:
+    def update(self, batch: Batch) -> StepOutput:
         if self.in_warmup(self.epoch):
             return self._warmup_step(batch)
         return self._train_step(batch)
 
-    def _step(self, k: int, loss: torch.Tensor) -> None:
-        self.opts[k].zero_grad(set_to_none=True)
-        loss.backward()
-        self.opts[k].step()
-
-    def _warmup_step(self, batch: Batch) -> Dict[str, float]:
-        k = batch.step.net
-        net = self.nets[k]
-        net.train()
-        x = self.strong(batch.x, self.gens[k])
-        logits = self.forward(net, x)
-        lce = partial_ce(logits, batch.Y)
+    def _warmup_step(self, batch: Batch) -> StepOutput:
+        k = batch.spec.net
+        self.nets[k].train()
+        logits = self.forward(k, self.strong(batch, "x"))
+        lce = partial_ce(logits, batch.parts["x"].Y)
         loss = lce + negative_entropy(logits) if self.c.warmup_neg_entropy else lce
-        self._step(k, loss)
-        return {"loss/warmup": loss.item(), "loss/pce": lce.item()}
+        return StepOutput(k, loss, {"loss/warmup": loss.item(), "loss/pce": lce.item()})
 
-    def _train_step(self, batch: Batch) -> Dict[str, float]:
-        c, b = self.c, batch.step.net
+    def _canonical(self, batch: Batch, parts: List[str]):
+        """(order, anchors) for `parts`, cached per pass: `order` reorders an all-gathered batch
+        the way one process holds it; `anchors` = where this rank's rows land in it."""
+        key = tuple(parts)
+        if self._order is None:
+            self._order = {}
+        if key not in self._order:
+            W, r = self.coll.world_size, self.coll.rank
+            per = {p: batch.sizes[p][0] for p in parts}
+            order = canonical_order(per, parts, batch.rng.n_streams, W)
+            where = torch.empty_like(order)
+            where[order] = torch.arange(len(order))
+            n = len(order) // W
+            self._order[key] = (order.to(self.device), where[r * n:(r + 1) * n].to(self.device))
+        return self._order[key]
+
+    def _gather(self, t: torch.Tensor, batch: Batch, parts: List[str], grad: bool = False) -> torch.Tensor:
+        """All ranks' rows of `parts`, in the order one process would hold them."""
+        out = self.coll.all_gather(t, grad=grad)
+        if not self.coll.distributed:
+            return out
+        return out[self._canonical(batch, parts)[0]]
+
+    def _mixup_perm(self, batch: Batch, has_u: bool) -> torch.Tensor:
+        """One permutation per stream over that stream's rows of [x_s1, x_s2, u_s1, u_s2]."""
+        sx = batch.sizes["x"]
+        su = batch.sizes["u"] if has_u else [0] * len(sx)
+        nx, nu = sum(sx), sum(su)
+        blocks = [(0, sx), (nx, sx), (2 * nx, su), (2 * nx + nu, su)]
+        perm = torch.arange(2 * nx + 2 * nu)
+        for i, g in enumerate(batch.rng.gens):
+            rows = torch.cat([torch.arange(start + sum(sizes[:i]), start + sum(sizes[:i + 1]))
+                              for start, sizes in blocks])
+            perm[rows] = rows[torch.randperm(len(rows), generator=g)]
+        return perm
+
+    def _train_step(self, batch: Batch) -> StepOutput:
+        c, b = self.c, batch.spec.net
         a = 1 - b if c.cross_use else b
         net_b, net_a = self.nets[b], self.nets[a]
-        gen = self.gens[b]
-        x, Y, u = batch.x, batch.Y, batch.u
+        px = batch.parts["x"]
+        pu = batch.parts.get("u")
+        x, Y = px.x, px.Y
         nB = len(x)
-        has_u = u is not None
-        weak = lambda t: self.weak(t, gen)
-        strong = lambda t: self.strong(t, gen)
-        idx = batch.step.labeled
-        p_masked = torch.from_numpy(self.sample_state.gather(f"pred{a}", idx)).to(x.device)
-        w = torch.from_numpy(self.sample_state.gather(f"w{a}", idx)).to(x.device)
+        has_u = pu is not None
+        p_masked, w = px.attach[f"pred{a}"], px.attach[f"w{a}"]
 
         # --- co-pseudo-labels, no grad: [C] the trained network in train mode, the other in eval.
         with torch.no_grad():
             net_b.train()
             net_a.eval()
-            xw = [weak(x), weak(x)]
-            lb_x1, z_weak = self.forward(net_b, xw[0], with_proj=True)
-            pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(net_b, xw[1]), 1)]
+            xw = [self.weak(batch, "x"), self.weak(batch, "x")]
+            lb_x1, z_weak = self.forward(b, xw[0], with_proj=True)
+            pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(b, xw[1]), 1)]
             if c.co_pseudo_label:
                 if c.refine_labeled:
                     tx = refine_labeled(p_masked, w, pb_x, T=c.sharpen_temperature)
@@ -286,27 +421,29 @@ class CoReg(Method):
             else:   # the network's own candidate-restricted prediction
                 tx = sharpen(masked_prediction((pb_x[0] + pb_x[1]) / 2, Y), c.sharpen_temperature)
             if has_u:
-                uw = [weak(u), weak(u)]
-                pb_u = [F.softmax(self.forward(net_b, v), 1) for v in uw]
+                uw = [self.weak(batch, "u"), self.weak(batch, "u")]
+                pb_u = [F.softmax(self.forward(b, v), 1) for v in uw]
                 if c.co_pseudo_label and c.co_guess_unlabeled:
-                    pa_u = [F.softmax(self.forward(net_a, v), 1) for v in uw]
+                    pa_u = [F.softmax(self.forward(a, v), 1) for v in uw]
                     tu = co_guess_unlabeled(pa_u, pb_u, T=c.sharpen_temperature)
                 else:
                     tu = sharpen((pb_u[0] + pb_u[1]) / 2, c.sharpen_temperature)
 
         # --- label-space consistency: MixUp over two strong views of x and of u.
         net_b.train()
-        xs = [strong(x), strong(x)]
-        us = [strong(u), strong(u)] if has_u else []
+        xs = [self.strong(batch, "x"), self.strong(batch, "x")]
+        us = [self.strong(batch, "u"), self.strong(batch, "u")] if has_u else []
         inputs = torch.cat(xs + us)
         targets = torch.cat([tx, tx] + ([tu, tu] if has_u else []))
         if c.mixup:
-            inputs, targets, lam, _ = mixup(inputs, targets, alpha=c.mixup_alpha, generator=gen,
-                                            rng=self.mix_rng)
+            # lambda from the generator every rank shares, the permutation per stream.
+            lam = float(batch.rng.shared.beta(c.mixup_alpha, c.mixup_alpha))
+            inputs, targets, lam, _ = mixup(inputs, targets, lam=lam,
+                                            perm=self._mixup_perm(batch, has_u).to(inputs.device))
         nl = 2 * nB
         feats_on = self.features_on(self.epoch)
         want_z = feats_on and c.prototypes
-        out = self.forward(net_b, inputs, with_proj=want_z)
+        out = self.forward(b, inputs, with_proj=want_z)
         logits, z_mix = out if want_z else (out, None)
         ramp = linear_rampup(self.epoch - c.warm_up, c.rampup_epochs)
         empty = logits[:0]
@@ -317,9 +454,10 @@ class CoReg(Method):
         logs = {"loss/x": lx.item(), "loss/u": lu.item()}
 
         # --- feature-space consistency.
+        parts = ["x", "u"] if has_u else ["x"]
         hard = torch.cat([tx] + ([tu] if has_u else [])).argmax(1)
         is_p = torch.cat([torch.ones(nB, dtype=torch.bool, device=x.device)] +
-                         ([torch.zeros(len(u), dtype=torch.bool, device=x.device)] if has_u else []))
+                         ([torch.zeros(len(pu), dtype=torch.bool, device=x.device)] if has_u else []))
         if want_z:
             is_lab = torch.zeros(len(inputs), dtype=torch.bool, device=x.device)
             is_lab[:nl] = True
@@ -327,49 +465,57 @@ class CoReg(Method):
                                 lambda_u=c.lambda_u)
             loss = loss + c.proto_weight * lp
             logs["loss/proto"] = lp.item()
-        keys = None
+        extra = {"b": b, "z_weak": z_weak, "tx": tx}
         if c.contrastive:
             with torch.no_grad():
                 self.keys[b].train()
-                _, keys = self.forward(self.keys[b], torch.cat([xs[1]] + ([us[1]] if has_u else [])),
-                                       with_proj=True)
+                _, keys = self.forward(b, torch.cat([xs[1]] + ([us[1]] if has_u else [])),
+                                       with_proj=True, module=self.keys[b])
+            keys_all = self._gather(keys, batch, parts)
+            hard_all = self._gather(hard, batch, parts)
+            is_p_all = self._gather(is_p, batch, parts)
+            extra.update(keys=keys_all, hard=hard_all, is_p=is_p_all)
             if feats_on:
-                # queries: strong view 1 with gradient; keys: EMA encoder on strong view 2.
-                _, q = self.forward(net_b, torch.cat([xs[0]] + ([us[0]] if has_u else [])),
-                                    with_proj=True)
+                # queries: strong view 1 with gradient, gathered with it: the contrast set is the
+                # global batch, as on one device; keys: EMA encoder on strong view 2.
+                _, q = self.forward(b, torch.cat([xs[0]] + ([us[0]] if has_u else [])), with_proj=True)
+                q_all = self._gather(q, batch, parts, grad=True)
                 qf, ql, qp = self.queues[b].view()
-                lc = noisy_supcon_loss(q, keys, qf, hard, is_p, ql, qp, T=c.cont_temperature,
-                                       noisy=c.noisy_contrastive)
+                anchors = self._canonical(batch, parts)[1] if self.coll.distributed else None
+                lc = noisy_supcon_loss(q_all, keys_all, qf, hard_all, is_p_all, ql, qp,
+                                       T=c.cont_temperature, noisy=c.noisy_contrastive,
+                                       anchor_idx=anchors)
                 loss = loss + c.cont_weight * lc
                 logs["loss/cont"] = lc.item()
-        self._step(b, loss)
         logs["loss/total"] = loss.item()
+        if px.true is not None and bool((px.true >= 0).all()):
+            logs["pseudo_acc_x"] = float((tx.argmax(1) == px.true).float().mean())
+        return StepOutput(b, loss, logs, extra)
 
-        with torch.no_grad():
-            if c.prototypes:          # weak-view features of the P samples
-                self.prototypes = update_prototypes(self.prototypes, z_weak, tx, m=c.proto_momentum)
-            if c.contrastive:
-                self.queues[b].push(keys, hard, is_p)
-                self._ema_key(b)
-        if batch.true is not None:
-            logs["pseudo_acc_x"] = float((tx.argmax(1) == batch.true).float().mean())
-        return logs
+    @torch.no_grad()
+    def after_step(self, batch: Batch, out: StepOutput) -> None:
+        if self.in_warmup(self.epoch):
+            return
+        c, e = self.c, out.extra
+        if c.prototypes:              # weak-view features of the P samples, every rank's
+            z = self._gather(e["z_weak"], batch, ["x"])
+            t = self._gather(e["tx"], batch, ["x"])
+            self.prototypes = update_prototypes(self.prototypes, z, t, m=c.proto_momentum)
+        if c.contrastive:
+            self.queues[e["b"]].push(e["keys"], e["hard"], e["is_p"])
+            self._ema_key(e["b"])
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict:
         return {"nets": [n.state_dict() for n in self.nets],
-                "opts": [o.state_dict() for o in self.opts],
                 "keys": [k.state_dict() for k in self.keys],
                 "queues": [q.state_dict() for q in self.queues],
-                "prototypes": self.prototypes, "history_len": self.history_len,
-                "few_shot_idx": self.few_shot_idx}
+                "prototypes": self.prototypes, "history_len": self.history_len}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
             self.nets[i].load_state_dict(s["nets"][i])
-            self.opts[i].load_state_dict(s["opts"][i])
             self.keys[i].load_state_dict(s["keys"][i])
             self.queues[i].load_state_dict(s["queues"][i])
         self.prototypes = s["prototypes"].to(self.device)
         self.history_len = int(s["history_len"])
-        self.few_shot_idx = np.asarray(s["few_shot_idx"], dtype=np.int64)

@@ -36,15 +36,23 @@ class ShardReadError(FormatError):
 
 
 class ErrorLog:
-    """Counts bad samples by kind; prints the first of each kind and then every `every`-th."""
+    """Counts bad samples by kind; prints the first of each kind and then every `every`-th.
+
+    A sample is counted once per kind however often it is met (training reads every shard
+    many times); `combine` sums the summaries of several ranks."""
 
     def __init__(self, every: int = 100, stream=None, keep: int = 200):
         self.every, self.keep = every, keep
         self.stream = stream if stream is not None else sys.stderr
         self.counts: Dict[str, int] = {}
         self.examples: List[Dict[str, str]] = []
+        self._seen: set = set()
 
     def report(self, kind: str, shard: str, key: Optional[str], message: str) -> None:
+        ident = (kind, shard, key or "")
+        if ident in self._seen:
+            return
+        self._seen.add(ident)
         n = self.counts.get(kind, 0) + 1
         self.counts[kind] = n
         if len(self.examples) < self.keep:
@@ -59,20 +67,75 @@ class ErrorLog:
     def summary(self) -> Dict:
         return {"counts": dict(self.counts), "examples": self.examples[:20]}
 
+    def state_dict(self) -> Dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples),
+                "seen": [list(i) for i in self._seen]}
+
+    def load_state_dict(self, s: Dict) -> None:
+        self.counts, self.examples = dict(s["counts"]), list(s["examples"])
+        self._seen = {tuple(i) for i in s["seen"]}
+
+    @staticmethod
+    def combine(summaries: List[Dict]) -> Dict:
+        """Sum per-rank summaries (counts add; examples are concatenated, first 20 kept)."""
+        counts: Dict[str, int] = {}
+        examples: List[Dict[str, str]] = []
+        for s in summaries:
+            for k, v in s["counts"].items():
+                counts[k] = counts.get(k, 0) + v
+            examples.extend(s["examples"])
+        return {"counts": counts, "examples": examples[:20]}
+
+
+class _TailStream:
+    """A read-only stream wrapper that remembers the last 1024 bytes read from it.
+
+    A complete tar ends with (at least) two zero blocks of 512 bytes; Python's tarfile stops
+    quietly at a header cut short, so after iterating we drain the stream and check its tail.
+    Works the same for local files, pipes and HTTP bodies (nothing is seeked)."""
+
+    def __init__(self, raw):
+        self.raw, self.tail = raw, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def complete(self) -> bool:
+        return len(self.tail) == 1024 and self.tail == bytes(1024)
+
+
+def open_shard(url: str):
+    """Open a shard for reading: a local path, or any URL webdataset's gopen opens
+    (`pipe:cmd`, `http(s)://`, `file:`, ...)."""
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+        return gopen(url, "rb")
+    if not os.path.isfile(url):
+        raise FormatError(f"shard not found: {url}")
+    return open(url, "rb")
+
 
 def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """Yield (key, {field: bytes}) in file order, via webdataset's tar iterators.
 
-    Raises ShardReadError (naming the last good key) if the tar is truncated or corrupt.
+    `path` is a local file or a URL (see open_shard). Raises ShardReadError (naming the last
+    good key) if the tar is truncated or corrupt.
     """
-    if not os.path.isfile(path):
-        raise FormatError(f"shard not found: {path}")
     last_key = None
     url = os.path.basename(path)
-    complete = _has_end_marker(path)
-    with open(path, "rb") as stream:
+    stream = open_shard(path)
+    tracked = _TailStream(stream)
+    finished = False
+    try:
         def files():
-            for f in tar_file_iterator(stream):
+            for f in tar_file_iterator(tracked):
                 f["__url__"] = url
                 yield f
         try:
@@ -81,22 +144,20 @@ def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
                 sample.pop("__url__", None)
                 last_key = key
                 yield key, sample
+            tracked.drain()
+            finished = True
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise ShardReadError(path, last_key, exc) from None
-    if not complete:
-        # Python's tarfile stops quietly at a header cut short; the missing end-of-archive
-        # blocks are what tells a truncated shard from a complete one.
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:
+            # A pipe whose command failed reports it on close; a reader that stopped early
+            # (the consumer had enough) may see its writer killed by SIGPIPE: not an error.
+            if finished:
+                raise ShardReadError(path, last_key, exc) from None
+    if not tracked.complete():
         raise ShardReadError(path, last_key, EOFError("truncated: no end-of-archive marker"))
-
-
-def _has_end_marker(path: str) -> bool:
-    """A complete tar ends with (at least) two zero blocks of 512 bytes."""
-    size = os.path.getsize(path)
-    if size < 1024 or size % 512:
-        return False
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
 
 
 def decode_field(name: str, data: bytes):
