@@ -104,9 +104,8 @@ class Collectives:
         if t.dtype == torch.bool:       # gloo has no bool all_gather
             return self.all_gather(t.to(torch.uint8)).bool()
         if grad:
-            from torch.distributed.nn.functional import all_gather as ag_grad
-            parts = ag_grad(t.to(self.comm_device))
-            return torch.cat([p.to(t.device) for p in parts], dim=0)
+            return _AllGatherWithGrad.apply(t.to(self.comm_device), self.world_size,
+                                            self.rank).to(t.device)
         src = t.detach().to(self.comm_device)
         n = torch.tensor([src.shape[0]], dtype=torch.int64, device=self.comm_device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
@@ -165,6 +164,25 @@ class Collectives:
                     digest += float(p.detach().double().mul(1.0 + 1e-3 * i).sum())
         sums = self.all_gather_object(digest)
         return all(s == sums[0] for s in sums)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather (equal sizes) whose backward sums every rank's gradient for this rank's rows
+    (all-reduce, then this rank's slice): the gradient one device would compute for the global
+    batch, once DDP averages it. (torch.distributed.nn's version warns on every call in 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, t, world: int, rank: int):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        tdist.all_gather(parts, t.contiguous())
+        ctx.rank, ctx.n = rank, t.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None
 
 
 def env_world() -> Tuple[int, int, int]:

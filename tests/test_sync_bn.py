@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from coreg_dist.models.sync_bn import SyncBatchNorm, _sync_batch_norm, convert_sync_batchnorm
 
-TOL = dict(rtol=1e-5, atol=2e-6)
+TOL = dict(rtol=1e-4, atol=1e-5)   # float32 sums in another order (thread count varies across the suite)
 
 
 def _identity_reduce(t, group):

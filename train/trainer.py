@@ -165,6 +165,7 @@ class Trainer:
         self.global_step = int(meta["global_step"])
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
+            self.method.load_rank_buffers(rank_state["buffers"])
             self.errors.load_state_dict(rank_state["errors"])
             where = f"epoch {meta['epoch']}, pass {meta['pass_index']}, step {meta['step']}"
             self.log(f"resumed from {path}: continuing mid-epoch at {where}")
@@ -204,7 +205,8 @@ class Trainer:
             rng.load_state_dict(resume["rank"]["pass_rng"])
             start = int(resume["meta"]["step"])
         for e in self.engines:
-            e.sync_buffers()
+            if resume is None:        # (a resumed pass had its buffers averaged when it began)
+                e.sync_buffers()
             e.set_lr(self.method.lr_at(epoch))
         self.method.begin_pass(spec)
         ctx = replace(self.stream_ctx, state_version=self.version)
@@ -301,8 +303,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int, pi: int, step: int, mid_epoch: bool, acc: Dict,
                     rank_extra: Optional[Dict] = None) -> None:
-        for e in self.engines:
-            e.sync_buffers()
+        """Collective. Mid-epoch, each rank keeps its own BatchNorm buffers (they are averaged at
+        pass boundaries only, and a checkpoint must not change the run it saves)."""
+        if not mid_epoch:
+            for e in self.engines:
+                e.sync_buffers()
         meta = {"epoch": epoch, "pass_index": pi, "step": step, "mid_epoch": mid_epoch,
                 "global_step": self.global_step, "method": self.method.name,
                 "world_size": self.coll.world_size, "streams": self.n_streams,
@@ -310,6 +315,7 @@ class Trainer:
                 "epoch_record": to_jsonable(acc.get("record", {}))}
         model = {"method": self.method.state_dict(), "engines": [e.state_dict() for e in self.engines]}
         rank_state = {"rng": rng_state(), "errors": self.errors.state_dict(),
+                      "buffers": self.method.rank_buffers(),
                       "acc": {k: v for k, v in acc.items() if k != "record"}, **(rank_extra or {})}
         save_checkpoint(self.run_dir, self.coll, meta, model, rank_state, keep=self.cfg.train.keep_checkpoints)
         if self.main:
@@ -393,8 +399,9 @@ class Trainer:
     def _finish(self, result: Dict, log, samples_per_s: float, wait_fraction: float) -> Dict:
         coll = self.coll
         in_sync = coll.parameters_in_sync(self.method.networks())
-        errors = ErrorLog.combine(coll.all_gather_object(self.errors.summary()))
+        errors = ErrorLog.combine(coll.all_gather_object(self.errors.state_dict()))
         if not self.main:
+            coll.barrier()            # leave together: rank 0 writes the report first
             return {}
         if sum(errors["counts"].values()):
             self.log(f"data problems (all ranks): {errors['counts']} (see report.json)")
@@ -411,6 +418,7 @@ class Trainer:
         gain = format_gain(report, emphasis="")
         if gain:
             print(gain, flush=True)
+        coll.barrier()
         return report
 
 
@@ -445,4 +453,12 @@ def build_report(cfg, manifest, result, method, seconds, device, config_file, er
 
 
 def train(cfg: Config, device: str) -> Dict:
-    return Trainer(cfg, device).run()
+    trainer = Trainer(cfg, device)
+    try:
+        return trainer.run()
+    finally:
+        # Drop the DDP wrappers (they hold the process group) before anyone destroys the group:
+        # a gloo group torn down at interpreter exit can abort the process.
+        trainer.__dict__.clear()
+        import gc
+        gc.collect()

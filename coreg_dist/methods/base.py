@@ -189,6 +189,21 @@ class Method:
     def networks(self) -> List[nn.Module]:
         raise NotImplementedError
 
+    def modules(self) -> List[nn.Module]:
+        """Every module with state (networks, and e.g. EMA key encoders)."""
+        return self.networks()
+
+    def rank_buffers(self) -> List[Dict[str, torch.Tensor]]:
+        """This rank's buffers (BatchNorm running statistics evolve per rank between the points
+        where the trainer averages them): a mid-epoch checkpoint keeps each rank's own."""
+        return [{n: b.detach().clone() for n, b in m.named_buffers()} for m in self.modules()]
+
+    @torch.no_grad()
+    def load_rank_buffers(self, saved: List[Dict[str, torch.Tensor]]) -> None:
+        for m, bufs in zip(self.modules(), saved):
+            for n, b in m.named_buffers():
+                b.copy_(bufs[n])
+
     @torch.no_grad()
     def predict_each(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits of each network (and their ensemble, where there are two)."""

@@ -189,6 +189,9 @@ class CoReg(Method):
     def networks(self):
         return self.nets
 
+    def modules(self):
+        return self.nets + self.keys
+
     def predict_each(self, x):
         out = super().predict_each(x)
         if not self.c.ensemble:

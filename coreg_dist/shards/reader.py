@@ -76,14 +76,21 @@ class ErrorLog:
         self._seen = {tuple(i) for i in s["seen"]}
 
     @staticmethod
-    def combine(summaries: List[Dict]) -> Dict:
-        """Sum per-rank summaries (counts add; examples are concatenated, first 20 kept)."""
+    def combine(states: List[Dict]) -> Dict:
+        """One summary from several ranks' `state_dict()`s: a sample met on two ranks (in
+        different passes) counts once; examples likewise, the first 20 kept."""
+        seen = set()
         counts: Dict[str, int] = {}
         examples: List[Dict[str, str]] = []
-        for s in summaries:
-            for k, v in s["counts"].items():
-                counts[k] = counts.get(k, 0) + v
-            examples.extend(s["examples"])
+        for s in states:
+            for ident in s["seen"]:
+                if tuple(ident) not in seen:
+                    seen.add(tuple(ident))
+                    counts[ident[0]] = counts.get(ident[0], 0) + 1
+            for e in s["examples"]:
+                ident = (e["kind"], e["shard"], e["key"])
+                if not any((x["kind"], x["shard"], x["key"]) == ident for x in examples):
+                    examples.append(e)
         return {"counts": counts, "examples": examples[:20]}
 
 
