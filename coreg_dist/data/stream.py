@@ -90,12 +90,14 @@ class ShardSource:
 
 # ---------------------------------------------------------------------------- shard assignment
 def assign_shards(names: Sequence[str], weights: Sequence[int], n_streams: int,
-                  seed: int) -> List[List[str]]:
+                  seed: int, fill_empty: bool = True) -> List[List[str]]:
     """Deal shards to streams: a seeded random order, each shard to the least-loaded stream.
 
     Loads end within one shard of each other. Shards of weight 0 are left out. A stream that got
     nothing while some shard has weight (fewer useful shards than streams) reads all of them,
-    in its own order: correct, if wasteful — reshard the data with more, smaller shards."""
+    in its own order (`fill_empty`; a training stream must yield its steps): correct, if
+    wasteful — reshard the data with more, smaller shards. Sweeps, which must see each sample
+    once, leave such a stream empty."""
     order = np.random.default_rng(seed).permutation(len(names))
     loads = np.zeros(n_streams, dtype=np.int64)
     out: List[List[str]] = [[] for _ in range(n_streams)]
@@ -105,7 +107,7 @@ def assign_shards(names: Sequence[str], weights: Sequence[int], n_streams: int,
         s = int(np.argmin(loads))
         out[s].append(names[i])
         loads[s] += int(weights[i])
-    useful = [names[i] for i in order if weights[i] > 0]
+    useful = [names[i] for i in order if weights[i] > 0] if fill_empty else []
     for s in range(n_streams):
         if not out[s] and useful:
             rng = np.random.default_rng(seed + s + 1)
@@ -272,8 +274,19 @@ class Part:
                     attach={n: np.concatenate([p.attach[n] for p in parts]) for n in parts[0].attach})
 
 
+def _attach(sample: Dict, state: Optional[ShardState], attach: Sequence[str]) -> Dict:
+    """Copy the sample's state values it travels with (before the shuffle buffer, so nothing
+    needs its shard's state later): scalars, and per-candidate values in candidate order."""
+    if attach and state is not None:
+        r = sample["row"]
+        sample["attach"] = {n: (state.arrays[n][state.ptr[r]:state.ptr[r + 1]].copy()
+                                if state.fields[n].per_candidate else state.arrays[n][r].copy())
+                            for n in attach}
+    return sample
+
+
 def _collate(ctx: StreamContext, samples: List[Dict], attach: Sequence[str],
-             states: Dict[str, ShardState], image_shape: Tuple[int, ...]) -> Part:
+             image_shape: Tuple[int, ...]) -> Part:
     n, K = len(samples), ctx.num_classes
     images = np.empty((n,) + image_shape, dtype=np.uint8)
     for i, s in enumerate(samples):
@@ -287,13 +300,12 @@ def _collate(ctx: StreamContext, samples: List[Dict], attach: Sequence[str],
     specs = dict(ctx.state_fields)
     for name in attach:
         if specs[name].per_candidate:
-            rows = np.empty((n, K), dtype=np.float32)
+            rows = np.zeros((n, K), dtype=np.float32)
             for i, s in enumerate(samples):
-                st = states[s["shard"]]
-                rows[i] = st.dense(name, np.array([s["row"]]), [s["cand"]], K)[0]
+                rows[i, s["cand"]] = s["attach"][name]
             out[name] = rows
         else:
-            out[name] = np.stack([states[s["shard"]].arrays[name][s["row"]] for s in samples]) \
+            out[name] = np.stack([s["attach"][name] for s in samples]) \
                 if n else np.zeros((0,) + specs[name].shape, dtype=specs[name].dtype)
     return Part(images=images, Y=Y, true=np.asarray([s["cls"] for s in samples], dtype=np.int64),
                 keys=[s["key"] for s in samples], shards=[s["shard"] for s in samples], attach=out)
@@ -325,7 +337,6 @@ class _RouteReader:
                  skip: int, attach: Sequence[str], shuffle_buffer: int, errors: List[ErrorEvent]):
         self.ctx, self.route, self.shards, self.seed = ctx, route, list(shards), seed
         self.errors = errors
-        self.states: Dict[str, ShardState] = {}
         self.attach = attach
         self.taken = 0
         src = self._routed()
@@ -348,26 +359,14 @@ class _RouteReader:
                 for s in join_shard(self.ctx, shard, self.errors, state):
                     if self.route.accepts(state, s["row"]):
                         found += 1
-                        if state is not None:
-                            self.states[shard] = state
-                        yield _apply_fixed(s, state)
-                self._drop_idle_states(shard)
+                        yield _attach(_apply_fixed(s, state), state, self.attach)
             if found == 0:
                 raise RuntimeError(f"stream has no usable sample for part '{self.route.name}' in shards "
                                    f"{self.shards[:5]}{'...' if len(self.shards) > 5 else ''}")
             cycle += 1
 
-    def _drop_idle_states(self, current: str) -> None:
-        # Keep the state of shards whose samples may still sit in the shuffle buffer; the
-        # buffer is bounded, so this stays small: drop all but the last few shards.
-        if len(self.states) > 4:
-            for name in list(self.states)[:-4]:
-                if name != current:
-                    self.states.pop(name, None)
-
     def take(self, n: int, image_shape: Tuple[int, ...]) -> Part:
         got: List[Dict] = []
-        used_states: Dict[str, ShardState] = {}
         while len(got) < n:
             s = next(self.src)
             self.taken += 1
@@ -376,10 +375,8 @@ class _RouteReader:
             except ImageDecodeError as exc:
                 self.errors.append(("corrupt_image", s["shard"], s["key"], s["src"], str(exc)))
                 continue
-            if s["shard"] in self.states:
-                used_states[s["shard"]] = self.states[s["shard"]]
             got.append(s)
-        return _collate(self.ctx, got, self.attach, used_states, image_shape)
+        return _collate(self.ctx, got, self.attach, image_shape)
 
 
 @dataclass
@@ -518,7 +515,6 @@ class SweepDataset(IterableDataset):
         for shard in split_by_worker(self.shards):
             errors: List[ErrorEvent] = []
             state = load_state(self.ctx, shard)
-            states = {shard: state} if state is not None else {}
             buf: List[Dict] = []
             for s in join_shard(self.ctx, shard, errors, state):
                 if self.need_label and s["cls"] < 0:
@@ -528,12 +524,12 @@ class SweepDataset(IterableDataset):
                 except ImageDecodeError as exc:
                     errors.append(("corrupt_image", shard, s["key"], s["src"], str(exc)))
                     continue
-                buf.append(_apply_fixed(s, state))
+                buf.append(_attach(_apply_fixed(s, state), state, self.attach))
                 if len(buf) == self.batch_size:
-                    yield SweepBatch(shard, _collate(self.ctx, buf, self.attach, states, self.image_shape),
+                    yield SweepBatch(shard, _collate(self.ctx, buf, self.attach, self.image_shape),
                                      False, errors)
                     buf, errors = [], []
-            yield SweepBatch(shard, _collate(self.ctx, buf, self.attach, states, self.image_shape),
+            yield SweepBatch(shard, _collate(self.ctx, buf, self.attach, self.image_shape),
                              True, errors)
 
 
@@ -553,5 +549,6 @@ def iterate_sweep(ctx: StreamContext, shards: Sequence[str], batch_size: int, *,
 def sweep_shards(shard_counts: Dict[str, int], rank: int, world: int, seed: int) -> List[str]:
     """The shards a rank sweeps: balanced by size, the same split on every rank, in name order."""
     names = sorted(shard_counts)
-    mine = assign_shards(names, [max(1, shard_counts[n]) for n in names], world, seed)[rank]
+    mine = assign_shards(names, [max(1, shard_counts[n]) for n in names], world, seed,
+                         fill_empty=False)[rank]
     return sorted(mine)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import os
 import sys
-import tarfile
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
+from coreg_dist.shards.tario import TarDamage, iter_members
 from coreg_dist.shards.format import (IMAGE_EXTS, FormatError, Manifest, column_shard_path,
                                       image_shard_path, is_committed, read_manifest)
 
@@ -94,30 +94,6 @@ class ErrorLog:
         return {"counts": counts, "examples": examples[:20]}
 
 
-class _TailStream:
-    """A read-only stream wrapper that remembers the last 1024 bytes read from it.
-
-    A complete tar ends with (at least) two zero blocks of 512 bytes; Python's tarfile stops
-    quietly at a header cut short, so after iterating we drain the stream and check its tail.
-    Works the same for local files, pipes and HTTP bodies (nothing is seeked)."""
-
-    def __init__(self, raw):
-        self.raw, self.tail = raw, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if data:
-            self.tail = (self.tail + data)[-1024:]
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 16):
-            pass
-
-    def complete(self) -> bool:
-        return len(self.tail) == 1024 and self.tail == bytes(1024)
-
-
 def open_shard(url: str):
     """Open a shard for reading: a local path, or any URL webdataset's gopen opens
     (`pipe:cmd`, `http(s)://`, `file:`, ...)."""
@@ -130,7 +106,8 @@ def open_shard(url: str):
 
 
 def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """Yield (key, {field: bytes}) in file order, via webdataset's tar iterators.
+    """Yield (key, {field: bytes}) in file order: members from coreg_dist.shards.tario,
+    grouped into samples by webdataset's group_by_keys.
 
     `path` is a local file or a URL (see open_shard). Raises ShardReadError (naming the last
     good key) if the tar is truncated or corrupt.
@@ -138,22 +115,19 @@ def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     last_key = None
     url = os.path.basename(path)
     stream = open_shard(path)
-    tracked = _TailStream(stream)
     finished = False
     try:
         def files():
-            for f in tar_file_iterator(tracked):
-                f["__url__"] = url
-                yield f
+            for name, data in iter_members(stream, url):
+                yield {"fname": name, "data": data, "__url__": url}
         try:
             for sample in group_by_keys(files()):
                 key = sample.pop("__key__")
                 sample.pop("__url__", None)
                 last_key = key
                 yield key, sample
-            tracked.drain()
             finished = True
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        except (TarDamage, EOFError, OSError, ValueError) as exc:
             raise ShardReadError(path, last_key, exc) from None
     finally:
         try:
@@ -163,8 +137,6 @@ def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
             # (the consumer had enough) may see its writer killed by SIGPIPE: not an error.
             if finished:
                 raise ShardReadError(path, last_key, exc) from None
-    if not tracked.complete():
-        raise ShardReadError(path, last_key, EOFError("truncated: no end-of-archive marker"))
 
 
 def decode_field(name: str, data: bytes):

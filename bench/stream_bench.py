@@ -1,0 +1,560 @@
+"""Streaming Co-Reg on CPU: throughput with 1 and 2 processes, and memory / traffic flat in N.
+
+    python bench/stream_bench.py                          # N=2000 and 10N=20000, 1 and 2 processes
+    python bench/stream_bench.py --n 200 --factor 2 --skip-2proc      # the smoke-test size
+    python bench/stream_bench.py --workdir /tmp/sb --n 4000           # pools are reused if present
+
+What it does:
+  1. writes two synthetic pools with the project's own writers (tests/helpers.make_dataset:
+     grey 28x28 PNGs in shards of --shard-size), N and factor x N training samples (more shards
+     of the same size; the same fixed test split in both), and a synthetic candidate-set column
+     (annotate.cli.annotate_synthetic, q=0.2, eta=0.2, column 'synthetic');
+  2. trains Co-Reg on each pool for --epochs epochs (warm-up, then Co-Reg epochs with co-divide,
+     MixUp, prototypes and the contrastive loss from the first Co-Reg epoch) with 1 process and
+     with 2 (torchrun --standalone, gloo). The process entry is this file in --worker mode: the
+     CLI's own set-up (coreg_dist.runtime.parse_args / setup_process), then a subclass of
+     train.trainer.Trainer that changes nothing in training, only observes it: phase-tagged
+     Collectives counters, a DDP comm hook (the standard allreduce hook) that counts gradient
+     bucket bytes, torch.distributed all_reduce / all_gather input bytes (what the counters miss),
+     per-epoch step / sample / wait totals of every rank, and ru_maxrss. Each rank writes
+     RUN/bench/rank_R.json;
+  3. prints per-run details, one table, and two verdicts per world size: peak RSS per rank and
+     bytes per optimizer step must not grow with N (memory is bounded by buffers, not by N).
+
+Numbers are per rank (each rank's own samples, time and peak RSS; the table shows the largest
+over ranks where it says max) and per optimizer step (bytes this rank contributes to a
+collective in one step: `Collectives.bytes_sent`, which counts in 1 process too, where nothing
+crosses a wire). The exit status is 0 whatever the verdicts: it is a benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+POOL_MARK = "bench_pool.json"
+KINDS = ("all_reduce", "all_gather", "object")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
+
+
+def current_rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
+# =========================================================================== worker (one rank)
+def _bench_trainer_class():
+    import torch
+    import torch.distributed as tdist
+    from train.trainer import Trainer
+
+    class BenchTrainer(Trainer):
+        """The real Trainer; the overrides only tag phases and record what happened."""
+
+        def __init__(self, cfg, device):
+            super().__init__(cfg, device)
+            self.bench = {"phases": {}, "steps": {}, "epochs": [], "rss": []}
+            self._phase = "setup"
+            coll = self.coll
+            count, gather_object = coll._count, coll.all_gather_object
+
+            def counted(kind, nbytes):
+                count(kind, nbytes)
+                self._add(kind, int(nbytes))
+
+            def gathered_object(obj):
+                # Collectives counts 0 bytes for objects; measure this rank's pickled payload.
+                self._add("object_pickled", len(pickle.dumps(obj)))
+                return gather_object(obj)
+
+            coll._count = counted
+            coll.all_gather_object = gathered_object
+            if coll.distributed:
+                self._wrap_tdist(tdist)
+
+        # ------------------------------------------------------------ recording
+        def _add(self, key: str, nbytes: int) -> None:
+            ph = self.bench["phases"].setdefault(self._phase, {})
+            calls_bytes = ph.setdefault(key, [0, 0])
+            calls_bytes[0] += 1
+            calls_bytes[1] += nbytes
+
+        def _snap(self, where: str) -> None:
+            self.bench["rss"].append({"at": where, "peak_mib": peak_rss_mib(),
+                                      "current_mib": current_rss_mib()})
+
+        def _wrap_tdist(self, tdist) -> None:
+            """What the project itself hands to torch.distributed (this rank's input bytes):
+            includes what Collectives does not count (size exchanges of uneven gathers, the
+            backward all-reduce of gathered queries, BatchNorm buffer averaging)."""
+            ar, ag = tdist.all_reduce, tdist.all_gather
+
+            def all_reduce(tensor, *a, **k):
+                self._add("wire_all_reduce", tensor.numel() * tensor.element_size())
+                return ar(tensor, *a, **k)
+
+            def all_gather(tensor_list, tensor, *a, **k):
+                self._add("wire_all_gather", tensor.numel() * tensor.element_size())
+                return ag(tensor_list, tensor, *a, **k)
+
+            tdist.all_reduce, tdist.all_gather = all_reduce, all_gather
+
+        # ------------------------------------------------------------ phases
+        def _setup(self) -> None:
+            super()._setup()
+            self._snap("after set-up (model, engines)")
+            m = self.method
+            update, after_step, begin_epoch = m.update, m.after_step, m.begin_epoch
+
+            def tagged_update(batch):
+                kind = batch.spec.name.split("_")[0]          # warmup_net1 -> warmup, train_net2 -> train
+                self._phase = "step:" + kind
+                st = self.bench["steps"].setdefault(kind, {"steps": 0, "samples": 0, "parts": {}})
+                st["steps"] += 1
+                for name, part in batch.parts.items():
+                    st["samples"] += len(part)
+                    st["parts"][name] = st["parts"].get(name, 0) + len(part)
+                return update(batch)
+
+            def tagged_after_step(batch, out):
+                try:
+                    return after_step(batch, out)
+                finally:
+                    self._phase = "between steps"
+
+            def tagged_begin_epoch(epoch, ctx):
+                self._phase = "co-divide"
+                try:
+                    return begin_epoch(epoch, ctx)
+                finally:
+                    self._phase = "plan / pass set-up"
+
+            m.update, m.after_step, m.begin_epoch = tagged_update, tagged_after_step, tagged_begin_epoch
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            for e in self.engines:
+                if isinstance(e.model, DDP):
+                    e.model.register_comm_hook(None, self._ddp_hook)
+
+        def _ddp_hook(self, state, bucket):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            buf = bucket.buffer()
+            self._add("ddp_grad_all_reduce", buf.numel() * buf.element_size())
+            return allreduce_hook(None, bucket)
+
+        def _start(self):
+            self._phase = "init scan (state v0)"
+            out = super()._start()
+            self._snap("after init scan")
+            self._phase = "setup"
+            return out
+
+        def evaluate(self):
+            self._phase = "evaluate"
+            try:
+                return super().evaluate()
+            finally:
+                self._phase = "between epochs"
+
+        def _checkpoint(self, *a, **k):
+            prev, self._phase = self._phase, "checkpoint"
+            try:
+                return super()._checkpoint(*a, **k)
+            finally:
+                self._phase = prev
+
+        def _epoch_record(self, epoch, acc, result, seconds):
+            prev, self._phase = self._phase, "epoch record"
+            rec = super()._epoch_record(epoch, acc, result, seconds)
+            self._phase = prev
+            warm = bool(getattr(self.method, "in_warmup", lambda e: False)(epoch))
+            self.bench["epochs"].append({
+                "epoch": epoch, "warmup": warm, "steps": acc["steps"], "samples": acc["samples"],
+                "compute_s": acc["compute_s"], "wait_s": acc["wait_s"],
+                "divide_s": acc.get("divide_s", 0.0), "epoch_s": seconds,
+                "samples_per_s": rec["samples_per_s"], "data_wait_fraction": rec["data_wait_fraction"]})
+            self._snap(f"after epoch {epoch}")
+            return rec
+
+        def _finish(self, *a, **k):
+            self._phase = "finish (report)"
+            return super()._finish(*a, **k)
+
+        def bench_record(self) -> Dict:
+            self._snap("end of run")
+            return {"rank": self.coll.rank, "world_size": self.coll.world_size,
+                    "torch_threads": torch.get_num_threads(), "global_step": self.global_step,
+                    "n_streams": self.n_streams, "train_samples": int(self.index["totals"]["n"]),
+                    "shards": len(self.index["shards"]), "peak_rss_mib": peak_rss_mib(),
+                    "bytes_sent": dict(self.coll.bytes_sent), "calls": dict(self.coll.calls),
+                    "params_per_net": [sum(p.numel() for p in n.parameters())
+                                       for n in self.method.networks()],
+                    **self.bench}
+
+    return BenchTrainer
+
+
+def worker_main(argv: List[str]) -> int:
+    from coreg_dist.dist import shutdown_distributed
+    from coreg_dist.runtime import parse_args, setup_process
+
+    parser = argparse.ArgumentParser(prog="stream_bench --worker")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--result-dir", required=True)
+    cfg, args = parse_args(argv, "stream_bench worker", parser)
+    device = setup_process(cfg)
+    trainer = _bench_trainer_class()(cfg, device)
+    try:
+        trainer.run()
+        rec = trainer.bench_record()
+        os.makedirs(args.result_dir, exist_ok=True)
+        path = os.path.join(args.result_dir, f"rank_{rec['rank']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(path + ".tmp", path)
+    finally:
+        # As train.trainer.train does: drop the DDP wrappers before the group goes away.
+        trainer.__dict__.clear()
+        import gc
+        gc.collect()
+        shutdown_distributed()
+    return 0
+
+
+# =========================================================================== orchestration
+def make_pool(root: str, n: int, a) -> float:
+    """A synthetic pool of n training samples (+ the fixed test split) with its label column;
+    reused when its marker says it was built with the same parameters."""
+    want = {"n_train": n, "n_test": a.n_test, "classes": a.classes, "shard_size": a.shard_size,
+            "size": a.size, "q": 0.2, "eta": 0.2, "column": "synthetic"}
+    mark = os.path.join(root, POOL_MARK)
+    if os.path.isfile(mark):
+        with open(mark) as f:
+            if json.load(f) == want:
+                return 0.0
+    import shutil
+    from annotate.cli import annotate_synthetic
+    from coreg_dist.config import load_config
+    from tests.helpers import make_dataset
+
+    t0 = time.time()
+    shutil.rmtree(root, ignore_errors=True)
+    make_dataset(root, n_train=n, n_test=a.n_test, num_classes=a.classes, shard_size=a.shard_size,
+                 size=a.size)
+    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/annotation",
+                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
+    with open(mark, "w") as f:
+        json.dump(want, f)
+    return time.time() - t0
+
+
+def overrides(a, pool: str, out: str) -> List[str]:
+    return [f"data.root={pool}", f"run.out_dir={out}", "run.device=cpu", "train.column=synthetic",
+            f"train.epochs={a.epochs}", "coreg.warm_up=1", "coreg.feature_start=0",
+            f"train.batch_size={a.batch_size}", "model.backbone=small_cnn",
+            f"data.streams={a.streams}", f"run.threads={a.threads}",
+            f"train.eval_batch_size={a.eval_batch_size}", f"data.shuffle_buffer={a.shuffle_buffer}",
+            "data.num_workers=0"]
+
+
+def run_training(a, world: int, pool: str, out: str) -> Dict:
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    res = os.path.join(out, "bench")
+    entry = [os.path.abspath(__file__), "--worker", f"--result-dir={res}", *overrides(a, pool, out)]
+    if world == 1:
+        cmd = [sys.executable, *entry]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={world}", *entry]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    log = os.path.join(out, "bench_log.txt")
+    t0 = time.time()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=a.timeout)
+    wall = time.time() - t0
+    ranks = []
+    for rank in range(world):
+        p = os.path.join(res, f"rank_{rank}.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                ranks.append(json.load(f))
+    if r.returncode != 0 or len(ranks) != world:
+        with open(log) as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(f"training (world {world}) exited {r.returncode}; command:\n  "
+                           f"{' '.join(shlex.quote(c) for c in cmd)}\nlog {log} ends:\n{tail}")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"world": world, "wall_s": wall, "ranks": ranks, "cmd": cmd, "log": log, "load": (load0, load1)}
+
+
+# --------------------------------------------------------------------------- summaries
+def step_bytes(rank: Dict, kind: str, key: str) -> float:
+    """Bytes of `key` per optimizer step of pass kind `kind` (warmup / train) on this rank."""
+    st = rank["steps"].get(kind)
+    if not st or not st["steps"]:
+        return float("nan")
+    cb = rank["phases"].get(f"step:{kind}", {}).get(key, [0, 0])
+    return cb[1] / st["steps"]
+
+
+def epoch_rate(rank: Dict, warmup: bool):
+    eps = [e for e in rank["epochs"] if e["warmup"] == warmup]
+    if not eps:
+        return float("nan"), float("nan"), 0, 0
+    samples = sum(e["samples"] for e in eps)
+    busy = sum(e["compute_s"] + e["wait_s"] for e in eps)
+    wait = sum(e["wait_s"] for e in eps)
+    return samples / max(busy, 1e-9), wait / max(busy, 1e-9), sum(e["steps"] for e in eps), samples
+
+
+def summarize(run: Dict) -> Dict:
+    ranks = run["ranks"]
+    s = {"world": run["world"], "wall_s": run["wall_s"], "load": run["load"], "N": ranks[0]["train_samples"],
+         "shards": ranks[0]["shards"], "steps": ranks[0]["global_step"],
+         "threads": ranks[0]["torch_threads"],
+         "peak_rss": max(r["peak_rss_mib"] for r in ranks),
+         "peak_rss_each": [r["peak_rss_mib"] for r in ranks]}
+    for warm, tag in ((True, "warmup"), (False, "coreg")):
+        rates = [epoch_rate(r, warm) for r in ranks]
+        s[f"sps_{tag}"] = [x[0] for x in rates]
+        s[f"wait_{tag}"] = [x[1] for x in rates]
+        s[f"steps_{tag}"] = rates[0][2]
+    for kind in ("warmup", "train"):
+        for key in ("all_reduce", "all_gather", "ddp_grad_all_reduce", "wire_all_reduce",
+                    "wire_all_gather"):
+            s[f"{kind}:{key}"] = [step_bytes(r, kind, key) for r in ranks]
+        st = ranks[0]["steps"].get(kind, {"steps": 0, "samples": 0, "parts": {}})
+        s[f"{kind}:samples_per_step"] = st["samples"] / st["steps"] if st["steps"] else float("nan")
+        s[f"{kind}:parts_per_step"] = {p: v / st["steps"] for p, v in st["parts"].items()} if st["steps"] else {}
+    outside = {}
+    for r in ranks[:1]:
+        for ph, d in r["phases"].items():
+            if ph.startswith("step:"):
+                continue
+            for key, (calls, nbytes) in d.items():
+                o = outside.setdefault(ph, {})
+                o[key] = (calls, nbytes)
+    s["outside_rank0"] = outside
+    s["rss_trace_rank0"] = ranks[0]["rss"]
+    s["params_per_net"] = ranks[0]["params_per_net"]
+    return s
+
+
+def fmt_b(x: float) -> str:
+    if x != x:
+        return "-"
+    return f"{x:,.0f}"
+
+
+def fmt_list(xs: List[float], f: str = "{:.0f}") -> str:
+    return " / ".join(f.format(x) if x == x else "-" for x in xs)
+
+
+def print_run(s: Dict, n_target: int) -> None:
+    w = s["world"]
+    print(f"\n--- world size {w}, N = {n_target} ({s['N']} training samples in {s['shards']} shards), "
+          f"wall {s['wall_s']:.1f}s (incl. process start, init scan, co-divide, evaluation, checkpoints); "
+          f"1-min load average {s['load'][0]:.2f} before, {s['load'][1]:.2f} after")
+    print(f"  optimizer steps per rank: {s['steps']} ({s['steps_warmup']} warm-up, {s['steps_coreg']} Co-Reg); "
+          f"torch threads per rank: {s['threads']}")
+    rk = "rank 0 / rank 1" if w > 1 else "rank 0"
+    print(f"  samples/s per rank [{rk}]: warm-up epochs {fmt_list(s['sps_warmup'])}, "
+          f"Co-Reg epochs {fmt_list(s['sps_coreg'])}")
+    print(f"  data-wait fraction per rank [{rk}]: warm-up {fmt_list(s['wait_warmup'], '{:.1%}')}, "
+          f"Co-Reg {fmt_list(s['wait_coreg'], '{:.1%}')}")
+    print(f"  peak RSS per rank (MiB) [{rk}]: {fmt_list(s['peak_rss_each'], '{:.1f}')}")
+    trace = ", ".join(f"{t['at']}: peak {t['peak_mib']:.0f} / now {t['current_mib']:.0f}"
+                      for t in s["rss_trace_rank0"])
+    print(f"  rank 0 RSS over the run (MiB): {trace}")
+    for kind, label in (("warmup", "warm-up step"), ("train", "Co-Reg step")):
+        parts = ", ".join(f"{p}={v:.0f}" for p, v in s[f"{kind}:parts_per_step"].items())
+        print(f"  per {label} (rank 0, {s[kind + ':samples_per_step']:.0f} samples: {parts}): "
+              f"Collectives all-reduce {fmt_b(s[kind + ':all_reduce'][0])} B, "
+              f"all-gather {fmt_b(s[kind + ':all_gather'][0])} B"
+              + (f"; not in the counters: DDP gradient buckets {fmt_b(s[kind + ':ddp_grad_all_reduce'][0])} B "
+                 f"all-reduced, other torch.distributed.all_reduce input "
+                 f"{fmt_b(s[kind + ':wire_all_reduce'][0] - s[kind + ':ddp_grad_all_reduce'][0])} B (backward "
+                 f"of the gathered queries); torch.distributed.all_gather input "
+                 f"{fmt_b(s[kind + ':wire_all_gather'][0])} B" if w > 1 else ""))
+    print("  collectives outside optimizer steps, whole run, rank 0 (calls / bytes this rank contributed):")
+    for ph, d in s["outside_rank0"].items():
+        items = ", ".join(f"{k} {c} / {fmt_b(b)} B" for k, (c, b) in sorted(d.items()))
+        print(f"    {ph}: {items}")
+
+
+def check_flat(a, small: Dict, big: Dict) -> List[str]:
+    """PASS/FAIL lines: peak RSS per rank and bytes per step of the big pool vs the small one."""
+    w = small["world"]
+    lines = []
+    # --- memory
+    base, grown = small["peak_rss"], big["peak_rss"]
+    allowed = min(base * (1 + a.rss_tol_pct / 100.0), base + a.rss_tol_mib)
+    extra = big["N"] - small["N"]
+    sens = (allowed - base) * 2 ** 20 / max(extra, 1)
+    ok = grown <= allowed
+    lines.append(f"{'PASS' if ok else 'FAIL'}  world {w}: peak RSS per rank (max over ranks) "
+                 f"{base:.1f} MiB at N={small['N']} -> {grown:.1f} MiB at N={big['N']} "
+                 f"({grown - base:+.1f} MiB, {100 * (grown / base - 1):+.1f}%); allowed "
+                 f"<= {allowed:.1f} MiB (+{a.rss_tol_pct:g}% or +{a.rss_tol_mib:g} MiB, whichever is "
+                 f"smaller). An O(N) term above {sens:,.0f} B/sample would fail this.")
+    # --- bytes per step, per pass kind and key
+    bad, shown = [], []
+    for kind in ("warmup", "train"):
+        ns, nb = small[f"{kind}:samples_per_step"], big[f"{kind}:samples_per_step"]
+        comp = abs(nb / ns - 1) if ns == ns and nb == nb and ns else 0.0
+        keys = ["all_reduce", "all_gather"] + (["ddp_grad_all_reduce"] if w > 1 else [])
+        for key in keys:
+            for r, (x, y) in enumerate(zip(small[f"{kind}:{key}"], big[f"{kind}:{key}"])):
+                if x != x and y != y:
+                    continue
+                if x == 0 and y == 0:
+                    rel = 0.0
+                else:
+                    rel = abs(y / x - 1) if x else float("inf")
+                if rel > comp + 1e-9:
+                    bad.append(f"{kind}/{key}/rank{r}: {fmt_b(x)} -> {fmt_b(y)} B/step")
+                if r == 0:
+                    shown.append(f"{'Co-Reg' if kind == 'train' else 'warm-up'} {key} {fmt_b(x)} -> {fmt_b(y)}")
+    comp_txt = ", ".join(f"{'Co-Reg' if k == 'train' else 'warm-up'} {small[k + ':samples_per_step']:.0f} -> "
+                         f"{big[k + ':samples_per_step']:.0f} samples/step" for k in ("warmup", "train"))
+    lines.append(f"{'PASS' if not bad else 'FAIL'}  world {w}: bytes per optimizer step, N={small['N']} -> "
+                 f"N={big['N']} (rank 0): {'; '.join(shown)}. Tolerance: equal up to the relative change "
+                 f"in samples per step ({comp_txt})." + (f" Differs: {'; '.join(bad)}" if bad else ""))
+    return lines
+
+
+def machine_lines(a) -> List[str]:
+    import torch
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return [f"machine: {platform.node()}, {os.cpu_count()} CPUs ({aff} usable) {model or platform.processor()}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
+            f"(CPU), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start",
+            f"threads: run.threads={a.threads} for the machine, split over the ranks by setup_process "
+            f"(1 process: {a.threads}, 2 processes: {max(1, a.threads // 2)} each); DataLoader workers: 0"]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv:
+        return worker_main(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000, help="training samples of the small pool (N)")
+    ap.add_argument("--factor", type=int, default=10, help="the big pool has factor x N samples")
+    ap.add_argument("--epochs", type=int, default=2, help="training epochs (the first is warm-up)")
+    ap.add_argument("--workdir", default="/tmp/coreg_stream_bench",
+                    help="pools (reused if present) and run directories")
+    ap.add_argument("--skip-2proc", action="store_true", help="only the 1-process runs")
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=0, help="test samples (fixed for both pools); "
+                    "0 = 2 x shard size (one test shard per rank)")
+    ap.add_argument("--size", type=int, default=28, help="image side (grey)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64, help="train.batch_size (global)")
+    ap.add_argument("--eval-batch-size", type=int, default=512)
+    ap.add_argument("--streams", type=int, default=2, help="data.streams (same for 1 and 2 processes)")
+    ap.add_argument("--shuffle-buffer", type=int, default=256,
+                    help="data.shuffle_buffer per stream and route; small enough that the buffers "
+                         "are full at N already, so the N vs 10N comparison sees only N")
+    ap.add_argument("--threads", type=int, default=2, help="run.threads (whole machine)")
+    ap.add_argument("--rss-tol-pct", type=float, default=15.0)
+    ap.add_argument("--rss-tol-mib", type=float, default=30.0)
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per training run")
+    a = ap.parse_args(argv)
+    if a.n_test <= 0:
+        a.n_test = 2 * a.shard_size
+    t_start = time.time()
+    sizes = [a.n, a.n * a.factor]
+    worlds = [1] if a.skip_2proc else [1, 2]
+
+    print("== Co-Reg streaming benchmark (CPU) ==")
+    for line in machine_lines(a):
+        print(line)
+    print(f"pools: N = {sizes[0]} and {a.factor}N = {sizes[1]} training samples, grey {a.size}x{a.size} PNG, "
+          f"{a.classes} classes, shards of {a.shard_size} ({-(-sizes[0] // a.shard_size)} and "
+          f"{-(-sizes[1] // a.shard_size)} shards), test split {a.n_test} (same for both), synthetic "
+          f"candidate sets q=0.2 eta=0.2")
+    print(f"config: Co-Reg, small_cnn, train.batch_size={a.batch_size} (+{a.batch_size} unlabeled in Co-Reg "
+          f"steps; warm-up steps take {2 * a.batch_size}), epochs={a.epochs} (warm_up=1, feature terms "
+          f"from the first Co-Reg epoch), data.streams={a.streams}, shuffle_buffer={a.shuffle_buffer}, "
+          f"eval_batch_size={a.eval_batch_size}, gloo for 2 processes")
+    print(f"workdir: {a.workdir}", flush=True)
+
+    pools = {}
+    for n in sizes:
+        root = os.path.join(a.workdir, "pools", f"n{n}_s{a.size}_sh{a.shard_size}_c{a.classes}_t{a.n_test}")
+        dt = make_pool(root, n, a)
+        print(f"pool N={n}: {root} ({'reused' if dt == 0 else f'written in {dt:.1f}s'})", flush=True)
+        pools[n] = root
+
+    results: Dict = {}
+    for w in worlds:
+        for n in sizes:
+            out = os.path.join(a.workdir, "runs", f"w{w}_n{n}")
+            print(f"training: world size {w}, N={n} -> {out} ...", flush=True)
+            results[(w, n)] = summarize(run_training(a, w, pools[n], out))
+            print(f"  done in {results[(w, n)]['wall_s']:.1f}s", flush=True)
+
+    print("\n== details ==")
+    print("samples/s per rank = training samples this rank fed to optimizer steps / (its step compute "
+          "+ data wait); data-wait fraction = wait / (compute + wait). Co-divide and evaluation time "
+          "are not in the denominator (their data wait is, as the trainer's metrics.jsonl counts it).")
+    for key in sorted(results):
+        print_run(results[key], key[1])
+
+    print("\n== table (per rank; bytes per optimizer step from the Collectives counters, warm-up step / "
+          "Co-Reg step; RSS = max over ranks) ==")
+    hdr = (f"{'world':>5} {'N':>7} {'steps':>6} {'samples/s/rank':>16} {'data-wait':>13} "
+           f"{'peak RSS MiB':>12} {'all-reduce B/step':>18} {'all-gather B/step':>18} {'DDP grad B/step':>18}")
+    print(hdr)
+    print("-" * len(hdr))
+    for (w, n), s in sorted(results.items()):
+        sps = f"{sum(s['sps_warmup']) / w:.0f} / {sum(s['sps_coreg']) / w:.0f}"
+        wait = f"{sum(s['wait_warmup']) / w:.1%} / {sum(s['wait_coreg']) / w:.1%}"
+        ar = f"{fmt_b(s['warmup:all_reduce'][0])} / {fmt_b(s['train:all_reduce'][0])}"
+        ag = f"{fmt_b(s['warmup:all_gather'][0])} / {fmt_b(s['train:all_gather'][0])}"
+        ddp = (f"{fmt_b(s['warmup:ddp_grad_all_reduce'][0])} / {fmt_b(s['train:ddp_grad_all_reduce'][0])}"
+               if w > 1 else "- / -")
+        print(f"{w:>5} {n:>7} {s['steps']:>6} {sps:>16} {wait:>13} {s['peak_rss']:>12.1f} "
+              f"{ar:>18} {ag:>18} {ddp:>18}")
+    print("(samples/s and data-wait: warm-up epochs / Co-Reg epochs, mean over ranks; bytes: rank 0)")
+
+    print("\n== flat in N ==")
+    for w in worlds:
+        for line in check_flat(a, results[(w, sizes[0])], results[(w, sizes[1])]):
+            print(line)
+    print(f"\nwall time: {time.time() - t_start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
