@@ -9,7 +9,7 @@ FMNIST_DIR = /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-data demo demo-pce test test-all bench clean-demo
+.PHONY: setup setup-data demo demo-pce demo-2proc test test-all bench bench-stream clean-demo
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -38,6 +38,13 @@ clean-demo:
 demo-pce: setup setup-data
 	HF_HUB_OFFLINE=1 coreg-train --config $(CONFIG) train.method=pce run.out_dir=runs/demo-pce
 
+# The demo's training on 2 processes (gloo, CPU) after `make demo` made its data.
+demo-2proc: setup setup-data
+	HF_HUB_OFFLINE=1 torchrun --nproc_per_node=2 -m train.cli --config $(CONFIG) run.out_dir=runs/demo-2proc
+
 # Benchmarks print what they measured and on what (not run by the tests).
 bench: setup
 	$(PYTHON) bench/train_step.py --threads 2
+
+bench-stream: setup
+	$(PYTHON) bench/stream_bench.py

@@ -92,14 +92,6 @@ class ShardState:
                              f"for {len(rows)} samples, got {len(values)}")
         self.arrays[name][idx] = values
 
-    def dense(self, name: str, rows: np.ndarray, cands: Sequence[np.ndarray], num_classes: int,
-              fill: float = 0.0) -> np.ndarray:
-        """(len(rows), C) float32 with the per-candidate values scattered to their classes."""
-        out = np.full((len(rows), num_classes), fill, dtype=np.float32)
-        for i, (r, c) in enumerate(zip(rows, cands)):
-            out[i, c] = self.arrays[name][self.ptr[r]:self.ptr[r + 1]]
-        return out
-
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
         with atomic_path(path) as tmp:

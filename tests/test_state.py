@@ -19,15 +19,11 @@ def test_shapes_grow_with_the_candidate_sets_not_the_classes():
     assert st.arrays["hist"].shape == (3, 2) and np.isnan(st.arrays["hist"]).all()
 
 
-def test_per_candidate_get_set_and_dense():
+def test_per_candidate_get_and_set():
     st = make()
     st.set_candidates("pred", np.array([2, 0]), np.array([.1, .2, .3, .4, .5], np.float32))
     assert st.get_candidates("pred", np.array([0])).tolist() == pytest.approx([.4, .5])
     assert st.get_candidates("pred", np.array([2])).tolist() == pytest.approx([.1, .2, .3])
-    dense = st.dense("pred", np.array([0, 2]), [np.array([1, 3]), np.array([0, 2, 4])], num_classes=5)
-    assert dense.shape == (2, 5)
-    assert dense[0].tolist() == pytest.approx([0, .4, 0, .5, 0])
-    assert dense[1].tolist() == pytest.approx([.1, 0, .2, 0, .3])
     with pytest.raises(ValueError, match="needs 3 candidate values"):
         st.set_candidates("pred", np.array([2]), np.array([1.0]))
 

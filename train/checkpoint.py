@@ -123,6 +123,10 @@ def find_checkpoint(run_dir: str, spec: str) -> Optional[str]:
         path = os.path.join(checkpoint_dir(run_dir), open(pointer).read().strip())
     else:
         path = spec
+    if os.path.isfile(os.path.join(path, "state.pt")) and not os.path.isfile(os.path.join(path, META)):
+        raise ValueError(f"{path} is a checkpoint of an earlier coreg_dist (one state.pt per epoch, "
+                         "single process); this version cannot continue it: train into a new "
+                         "run.out_dir, or remove its checkpoints/ folder to start over")
     if not os.path.isfile(os.path.join(path, META)):
         raise FileNotFoundError(f"config key 'train.resume': no checkpoint at {path} "
                                 f"(expected a folder with {META})")

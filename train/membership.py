@@ -21,13 +21,18 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from coreg_dist.data.stream import StreamContext, join_shard
+from coreg_dist.data.stream import SPAN_FIELDS, StreamContext, join_shard
 from coreg_dist.progress import progress
 from coreg_dist.shards.reader import ErrorLog
-from coreg_dist.state import ShardState, StateStore
+from coreg_dist.state import FieldSpec, ShardState, StateStore
 from train.epoch_context import report_events
 
-TRAINER_FIELDS = ("true", "fixed")
+# Per-sample state the trainer keeps for every method (the method adds its own fields).
+TRAINER_FIELDS = {"true": FieldSpec((), "int16", -1),      # class from the image shard (logging)
+                  "fixed": FieldSpec((), "int16", -1),     # few-shot manual label, -1 = none
+                  # byte spans of the sample in its image and label shards: later passes read
+                  # only the samples they need (seek), not whole shards
+                  **{name: FieldSpec((), "int64", -1) for name in SPAN_FIELDS}}
 
 
 def key_hash(seed: int, key: str, salt: str = "") -> float:
@@ -51,7 +56,7 @@ def build_initial_state(store: StateStore, stream_ctx: StreamContext, shards: Se
                    disable=not coll.is_main)
     for shard in shards:
         events: List = []
-        keys, ncand, true = [], [], []
+        keys, ncand, true, spans = [], [], [], []
         for s in join_shard(stream_ctx, shard, events):
             cand = s["cand"]
             if cand.size == 0 or cand.min() < 0 or cand.max() >= K:
@@ -63,6 +68,7 @@ def build_initial_state(store: StateStore, stream_ctx: StreamContext, shards: Se
             keys.append(s["key"])
             ncand.append(len(cand))
             true.append(s["cls"])
+            spans.append(s["span"] + s["col_span"])
             if shots > 0 and s["cls"] >= 0:
                 heap = best.setdefault(s["cls"], [])
                 item = (-key_hash(cfg.run.seed, s["key"], "few-shot"), shard, s["key"])
@@ -73,6 +79,9 @@ def build_initial_state(store: StateStore, stream_ctx: StreamContext, shards: Se
         report_events(errors, events, coll.rank)
         st = ShardState(shard, keys, ncand, store.fields)
         st.arrays["true"][:] = np.asarray(true, dtype=np.int16)
+        if keys:
+            for name, values in zip(SPAN_FIELDS, np.asarray(spans, dtype=np.int64).T):
+                st.arrays[name][:] = values
         store.write(0, st)
         counts[shard] = {"n": len(keys)}
         bar.update(1)

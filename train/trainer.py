@@ -39,12 +39,10 @@ from coreg_dist.state import FieldSpec, StateStore
 from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
                               load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from train.epoch_context import EpochContext, report_events, to_device_part
-from train.membership import build_initial_state
+from train.membership import TRAINER_FIELDS, build_initial_state
 from train.metrics_log import MetricsLogger, to_jsonable
 from train.report import format_gain, write_report
 
-TRAINER_FIELDS = {"true": FieldSpec((), "int16", -1),      # class from the image shard (logging)
-                  "fixed": FieldSpec((), "int16", -1)}     # few-shot manual label, -1 = none
 
 
 class RunKilled(RuntimeError):

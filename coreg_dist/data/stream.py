@@ -40,7 +40,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from webdataset.shardlists import split_by_node, split_by_worker
 
 from coreg_dist.data.transform import ImageDecodeError, ImageTransform
 from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR, IMAGE_EXTS
-from coreg_dist.shards.reader import ShardReadError, decode_field, iter_tar
+from coreg_dist.shards.reader import ShardReadError, decode_field, iter_tar_spans, read_spans
 from coreg_dist.state import FieldSpec, ShardState, StateStore
 
 ErrorEvent = Tuple[str, str, str, str, str]      # kind, shard, key, source path, message
@@ -139,14 +139,19 @@ def _source_of(fields: Dict[str, bytes]) -> str:
         return ""
 
 
-def _read_column(ctx: StreamContext, shard: str, errors: List[ErrorEvent]) -> Optional[Dict[str, bytes]]:
-    """key -> cand.npy bytes of one column shard (a shard's labels are small); None if unusable."""
-    out: Dict[str, bytes] = {}
+SPAN_FIELDS = ("img_start", "img_end", "col_start", "col_end")   # byte spans the first scan records
+
+
+def _read_column(ctx: StreamContext, shard: str,
+                 errors: List[ErrorEvent]) -> Optional[Dict[str, Tuple[bytes, int, int]]]:
+    """key -> (cand.npy bytes, span) of one column shard (a shard's labels are small);
+    None if the shard cannot be read at all."""
+    out: Dict[str, Tuple[bytes, int, int]] = {}
     url = ctx.source.column(ctx.column, shard)
     try:
-        for key, fields in iter_tar(url):
+        for key, fields, start, end in iter_tar_spans(url):
             if CAND in fields:
-                out[key] = fields[CAND]
+                out[key] = (fields[CAND], start, end)
     except ShardReadError as exc:
         errors.append(("truncated_shard", shard, exc.last_key or "", url, str(exc)))
     except Exception as exc:          # missing file, dead server, failing pipe command
@@ -155,50 +160,70 @@ def _read_column(ctx: StreamContext, shard: str, errors: List[ErrorEvent]) -> Op
     return out
 
 
+def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes], cand_bytes,
+            row: int, errors: List[ErrorEvent]) -> Optional[Dict]:
+    """A raw sample from its image fields and candidate bytes; None (reported) if unusable."""
+    src = _source_of(fields)
+    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    if ext is None:
+        errors.append(("missing_image", shard, key, src, f"no image field among {sorted(fields)}"))
+        return None
+    cls = -1
+    if "cls" in fields:
+        try:
+            cls = int(decode_field("cls", fields["cls"]))
+        except ValueError as exc:
+            errors.append(("bad_label", shard, key, src, f"cls field: {exc}"))
+    cand = None
+    if ctx.column:
+        try:   # sorted and unique: the order per-candidate state values follow
+            cand = np.unique(np.asarray(decode_field(CAND, cand_bytes), dtype=np.int64).reshape(-1))
+        except Exception as exc:
+            errors.append(("bad_candidates", shard, key, src, f"cand.npy: {exc}"))
+            return None
+    return {"key": key, "shard": shard, "data": fields[ext], "ext": ext, "cls": cls,
+            "cand": cand, "row": row, "src": src}
+
+
 def join_shard(ctx: StreamContext, shard: str, errors: List[ErrorEvent],
-               state: Optional[ShardState] = None, members_only: bool = True) -> Iterator[Dict]:
+               state: Optional[ShardState] = None,
+               want: Optional[Callable[[ShardState, int], bool]] = None) -> Iterator[Dict]:
     """The samples of one image shard joined by key with its label column and per-sample state.
 
-    Yields raw samples (image bytes not decoded): {key, shard, data, ext, src, cls, cand, row}.
-    With a state, keys that are not members (left out by the init scan: subset, bad candidate
-    set) are skipped silently; a member whose label cannot be found is reported."""
+    Yields raw samples (image bytes not decoded): {key, shard, data, ext, src, cls, cand, row,
+    span, col_span}. With a state, only its members come out (the first scan left the others
+    out: subset, bad candidate set), and only those `want(state, row)` accepts. A local shard
+    whose state knows the members' byte spans is read by span: only the wanted samples'
+    bytes, in file order. Otherwise (URLs, the first scan) the shard streams through.
+    A member whose label cannot be found, a label without an image, damage: reported."""
+    if state is not None and not ctx.source.url_template and all(f in state.arrays for f in SPAN_FIELDS) \
+            and len(state) and (state.arrays["img_start"] >= 0).all():
+        yield from _join_by_span(ctx, shard, errors, state, want)
+        return
     labels = _read_column(ctx, shard, errors) if ctx.column else {}
     if labels is None:
         return
     url = ctx.source.image(shard)
     seen = set()
     try:
-        for key, fields in iter_tar(url):
+        for key, fields, start, end in iter_tar_spans(url):
             row = -1
             if state is not None:
                 row = int(state.rows([key])[0])
-                if row < 0 and members_only:
+                if row < 0 or (want is not None and not want(state, row)):
                     continue
-            ext = next((e for e in IMAGE_EXTS if e in fields), None)
-            if ext is None:
-                errors.append(("missing_image", shard, key, _source_of(fields),
-                               f"no image field among {sorted(fields)}"))
-                continue
-            cls = -1
-            if "cls" in fields:
-                try:
-                    cls = int(decode_field("cls", fields["cls"]))
-                except ValueError as exc:
-                    errors.append(("bad_label", shard, key, _source_of(fields), f"cls field: {exc}"))
-            cand = None
+            label = None
             if ctx.column:
                 if key not in labels:
                     errors.append(("missing_label", shard, key, _source_of(fields),
                                    f"no entry in column '{ctx.column}' ({ctx.source.column(ctx.column, shard)})"))
                     continue
                 seen.add(key)
-                try:
-                    cand = np.asarray(decode_field(CAND, labels[key]), dtype=np.int64).reshape(-1)
-                except Exception as exc:
-                    errors.append(("bad_candidates", shard, key, _source_of(fields), f"cand.npy: {exc}"))
-                    continue
-            yield {"key": key, "shard": shard, "data": fields[ext], "ext": ext, "cls": cls,
-                   "cand": cand, "row": row, "src": _source_of(fields)}
+                label = labels[key]
+            s = _sample(ctx, shard, key, fields, label[0] if label else None, row, errors)
+            if s is not None:
+                s["span"], s["col_span"] = (start, end), (label[1], label[2]) if label else (-1, -1)
+                yield s
     except ShardReadError as exc:
         errors.append(("truncated_shard", shard, exc.last_key or "", url, str(exc)))
         return
@@ -210,6 +235,39 @@ def join_shard(ctx: StreamContext, shard: str, errors: List[ErrorEvent],
             if key not in seen:
                 errors.append(("orphan_label", shard, key, ctx.source.column(ctx.column, shard),
                                "a label whose key has no image in the image shard"))
+
+
+def _join_by_span(ctx: StreamContext, shard: str, errors: List[ErrorEvent], state: ShardState,
+                  want) -> Iterator[Dict]:
+    rows = np.arange(len(state))
+    if want is not None:
+        rows = np.asarray([r for r in rows if want(state, int(r))], dtype=np.int64)
+    if not len(rows):
+        return
+    a = state.arrays
+    rows = rows[np.argsort(a["img_start"][rows], kind="stable")]
+    img_url, col_url = ctx.source.image(shard), ctx.source.column(ctx.column, shard) if ctx.column else ""
+    images = read_spans(img_url, list(zip(a["img_start"][rows], a["img_end"][rows])))
+    labels = read_spans(col_url, list(zip(a["col_start"][rows], a["col_end"][rows]))) if ctx.column else None
+    try:
+        for r in rows.tolist():
+            key, fields = next(images)
+            lkey, lfields = next(labels) if labels is not None else (key, {})
+            if key != state.keys[r] or lkey != state.keys[r]:
+                errors.append(("shard_changed", shard, str(state.keys[r]), img_url,
+                               f"the bytes where the first scan found this key hold {key!r} / {lkey!r}: "
+                               "the shard was rewritten during the run; start a new run"))
+                return
+            if ctx.column and CAND not in lfields:
+                errors.append(("missing_label", shard, key, _source_of(fields), f"no cand.npy in {col_url}"))
+                continue
+            s = _sample(ctx, shard, key, fields, lfields.get(CAND), r, errors)
+            if s is not None:
+                yield s
+    except ShardReadError as exc:
+        errors.append(("truncated_shard", shard, exc.last_key or "", exc.path, str(exc)))
+    except Exception as exc:
+        errors.append(("unreadable_shard", shard, "", img_url, f"{type(exc).__name__}: {exc}"))
 
 
 def load_state(ctx: StreamContext, shard: str) -> Optional[ShardState]:
@@ -356,10 +414,9 @@ class _RouteReader:
             found = 0
             for shard in order:
                 state = load_state(self.ctx, shard)
-                for s in join_shard(self.ctx, shard, self.errors, state):
-                    if self.route.accepts(state, s["row"]):
-                        found += 1
-                        yield _attach(_apply_fixed(s, state), state, self.attach)
+                for s in join_shard(self.ctx, shard, self.errors, state, want=self.route.accepts):
+                    found += 1
+                    yield _attach(_apply_fixed(s, state), state, self.attach)
             if found == 0:
                 raise RuntimeError(f"stream has no usable sample for part '{self.route.name}' in shards "
                                    f"{self.shards[:5]}{'...' if len(self.shards) > 5 else ''}")

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext
 
 from coreg_dist.shards.tario import TarDamage, iter_members
 from coreg_dist.shards.format import (IMAGE_EXTS, FormatError, Manifest, column_shard_path,
@@ -105,9 +105,9 @@ def open_shard(url: str):
     return open(url, "rb")
 
 
-def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """Yield (key, {field: bytes}) in file order: members from coreg_dist.shards.tario,
-    grouped into samples by webdataset's group_by_keys.
+def iter_tar_spans(path: str) -> Iterator[Tuple[str, Dict[str, bytes], int, int]]:
+    """Yield (key, {field: bytes}, start, end) in file order: a sample is the run of adjacent
+    members whose names share a key (webdataset's `base_plus_ext`), `start`/`end` its byte span.
 
     `path` is a local file or a URL (see open_shard). Raises ShardReadError (naming the last
     good key) if the tar is truncated or corrupt.
@@ -117,15 +117,25 @@ def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     stream = open_shard(path)
     finished = False
     try:
-        def files():
-            for name, data in iter_members(stream, url):
-                yield {"fname": name, "data": data, "__url__": url}
         try:
-            for sample in group_by_keys(files()):
-                key = sample.pop("__key__")
-                sample.pop("__url__", None)
+            key, fields, span = None, {}, (0, 0)
+            for name, data, start, end in iter_members(stream, url):
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if prefix != key:
+                    if key is not None:
+                        last_key = key
+                        yield key, fields, span[0], span[1]
+                    key, fields, span = prefix, {}, (start, end)
+                if suffix in fields:
+                    raise ValueError(f"{name}: duplicate file name in tar file")
+                fields[suffix] = data
+                span = (span[0], end)
+            if key is not None:
                 last_key = key
-                yield key, sample
+                yield key, fields, span[0], span[1]
             finished = True
         except (TarDamage, EOFError, OSError, ValueError) as exc:
             raise ShardReadError(path, last_key, exc) from None
@@ -137,6 +147,35 @@ def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
             # (the consumer had enough) may see its writer killed by SIGPIPE: not an error.
             if finished:
                 raise ShardReadError(path, last_key, exc) from None
+
+
+def iter_tar(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """Yield (key, {field: bytes}) in file order (see iter_tar_spans)."""
+    for key, fields, _, _ in iter_tar_spans(path):
+        yield key, fields
+
+
+def read_spans(path: str, spans: Sequence[Tuple[int, int]]) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """The samples at the given byte spans of a local tar, in the order given (seek + read):
+    a pass that needs a few samples of a shard reads only those. Raises ShardReadError."""
+    url = os.path.basename(path)
+    last_key = None
+    with open_shard(path) as f:
+        for start, end in spans:
+            f.seek(int(start))
+            data = f.read(int(end) - int(start))
+            try:
+                if len(data) < end - start:
+                    raise TarDamage(f"truncated: span {start}-{end} is past the end ({url})")
+                fields, key = {}, None
+                for name, value, _, _ in iter_members(io.BytesIO(data), url, archive=False):
+                    prefix, suffix = base_plus_ext(name)
+                    key = prefix
+                    fields[suffix.lower()] = value
+            except (TarDamage, ValueError) as exc:
+                raise ShardReadError(path, last_key, exc) from None
+            last_key = key
+            yield key, fields
 
 
 def decode_field(name: str, data: bytes):

@@ -7,10 +7,12 @@ about 10x less. It reads strictly forward (local files, pipes, HTTP bodies alike
 directories and metadata, follows GNU long names and pax `path` records, and tells a complete
 archive (two zero blocks at the end) from a truncated one.
 
-    for name, data in iter_members(stream, url):     # raises TarDamage on damage
+    for name, data, start, end in iter_members(stream, url):   # raises TarDamage on damage
         ...
 
-The members then go through webdataset's `group_by_keys` (coreg_dist/shards/reader.py).
+`start`/`end` are the member's byte span (its headers to the end of its padding): the run's
+first scan records each sample's span, and later passes read only the samples they need
+(`iter_members(io.BytesIO(span_bytes), url, archive=False)`), instead of whole shards.
 """
 from __future__ import annotations
 
@@ -58,11 +60,18 @@ def _pax_path(data: bytes) -> str:
     return ""
 
 
-def iter_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]:
-    """Yield (member name, bytes) of the regular files, in archive order."""
+def iter_members(stream: BinaryIO, url: str = "",
+                 archive: bool = True) -> Iterator[Tuple[str, bytes, int, int]]:
+    """Yield (member name, bytes, start, end) of the regular files, in archive order.
+
+    `archive=False`: the stream is a run of members cut out of an archive (a span), which ends
+    without the end-of-archive blocks."""
     long_name = ""
+    pos = start = 0
     while True:
         header = _read(stream, BLOCK)
+        if not header and not archive:
+            return
         if len(header) < BLOCK:
             raise TarDamage(f"truncated: archive ends inside a header ({url})" if header else
                             f"truncated: no end-of-archive marker ({url})")
@@ -82,6 +91,7 @@ def iter_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]
         pad = -size % BLOCK
         if pad and len(_read(stream, pad)) < pad:
             raise TarDamage(f"truncated: a member's padding is cut short ({url})")
+        pos += BLOCK + size + pad
         if kind == b"L":                   # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8")
             continue
@@ -90,6 +100,7 @@ def iter_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]
             continue
         if kind not in (b"0", b"\0", b"7"):   # directories, links, global headers: skipped
             long_name = ""
+            start = pos
             continue
         name = long_name
         if not name:
@@ -98,6 +109,7 @@ def iter_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]
             if prefix:
                 name = prefix.decode("utf-8") + "/" + name
         long_name = ""
+        member_start, start = start, pos
         if _META.match(name):
             continue
-        yield name, data
+        yield name, data, member_start, pos
