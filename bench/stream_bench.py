@@ -3,6 +3,7 @@
     python bench/stream_bench.py                          # N=2000 and 10N=20000, 1 and 2 processes
     python bench/stream_bench.py --n 200 --factor 2 --skip-2proc      # the smoke-test size
     python bench/stream_bench.py --workdir /tmp/sb --n 4000           # pools are reused if present
+    python bench/stream_bench.py --queue-size 0 --malloc-mmap-threshold 0     # project defaults as is
 
 What it does:
   1. writes two synthetic pools with the project's own writers (tests/helpers.make_dataset:
@@ -15,11 +16,20 @@ What it does:
      CLI's own set-up (coreg_dist.runtime.parse_args / setup_process), then a subclass of
      train.trainer.Trainer that changes nothing in training, only observes it: phase-tagged
      Collectives counters, a DDP comm hook (the standard allreduce hook) that counts gradient
-     bucket bytes, torch.distributed all_reduce / all_gather input bytes (what the counters miss),
+     bucket bytes (the engine's traffic), torch.distributed all_reduce / all_gather input bytes,
      per-epoch step / sample / wait totals of every rank, and ru_maxrss. Each rank writes
      RUN/bench/rank_R.json;
   3. prints per-run details, one table, and two verdicts per world size: peak RSS per rank and
      bytes per optimizer step must not grow with N (memory is bounded by buffers, not by N).
+
+The comparison is only meaningful if every bounded buffer is already full at N, so by default
+the shuffle buffer is 256 samples per stream and route and the MoCo queue 2048 keys (the method's
+8192 is not full after one Co-Reg epoch on 2000 samples; its fill level adds to RSS until it is),
+and peak RSS comes from separate memory runs with a fixed glibc mmap threshold (glibc's dynamic
+threshold keeps freed blocks of the co-divide batches in the heap, a peak that grows with the
+number of iterations, not with what is held; the fixed threshold page-faults every large tensor,
+so samples/s come from throughput runs with glibc's defaults). `--queue-size 0
+--malloc-mmap-threshold 0` measures the project defaults as they are, one run per configuration.
 
 Numbers are per rank (each rank's own samples, time and peak RSS; the table shows the largest
 over ranks where it says max) and per optimizer step (bytes this rank contributes to a
@@ -73,22 +83,17 @@ def _bench_trainer_class():
 
         def __init__(self, cfg, device):
             super().__init__(cfg, device)
-            self.bench = {"phases": {}, "steps": {}, "epochs": [], "rss": []}
+            self.bench = {"phases": {}, "steps": {}, "epochs": [], "rss": [], "routed_min": {}}
             self._phase = "setup"
             coll = self.coll
-            count, gather_object = coll._count, coll.all_gather_object
+            count = coll._count
 
             def counted(kind, nbytes):
                 count(kind, nbytes)
-                self._add(kind, int(nbytes))
-
-            def gathered_object(obj):
-                # Collectives counts 0 bytes for objects; measure this rank's pickled payload.
-                self._add("object_pickled", len(pickle.dumps(obj)))
-                return gather_object(obj)
+                # Collectives counts objects by their pickled size, under "object".
+                self._add("object_pickled" if kind == "object" else kind, int(nbytes))
 
             coll._count = counted
-            coll.all_gather_object = gathered_object
             if coll.distributed:
                 self._wrap_tdist(tdist)
 
@@ -105,8 +110,7 @@ def _bench_trainer_class():
 
         def _wrap_tdist(self, tdist) -> None:
             """What the project itself hands to torch.distributed (this rank's input bytes):
-            includes what Collectives does not count (size exchanges of uneven gathers, the
-            backward all-reduce of gathered queries, BatchNorm buffer averaging)."""
+            a cross-check of the Collectives counters, plus DDP's gradient buckets."""
             ar, ag = tdist.all_reduce, tdist.all_gather
 
             def all_reduce(tensor, *a, **k):
@@ -140,14 +144,16 @@ def _bench_trainer_class():
                 try:
                     return after_step(batch, out)
                 finally:
-                    self._phase = "between steps"
+                    self._phase = "in passes, between steps (BN buffer averaging at pass starts)"
 
             def tagged_begin_epoch(epoch, ctx):
                 self._phase = "co-divide"
                 try:
                     return begin_epoch(epoch, ctx)
                 finally:
-                    self._phase = "plan / pass set-up"
+                    self._phase = "after co-divide (BN buffer averaging at the first pass start)"
+                    if not getattr(self.method, "in_warmup", lambda e: True)(epoch):
+                        self._snap(f"after co-divide {epoch}")
 
             m.update, m.after_step, m.begin_epoch = tagged_update, tagged_after_step, tagged_begin_epoch
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -166,6 +172,23 @@ def _bench_trainer_class():
             out = super()._start()
             self._snap("after init scan")
             self._phase = "setup"
+            return out
+
+        def _stream_plans(self, epoch, pi, spec, resume):
+            plans = super()._stream_plans(epoch, pi, spec, resume)
+            # Fewest samples routed to one stream and route: the shuffle buffer holds
+            # min(data.shuffle_buffer, that), so it is full only if that is >= the buffer.
+            kind = spec.name.split("_")[0]
+            low = self.bench["routed_min"]
+            for p in plans:
+                for r, c in zip(spec.routes, p.counts):
+                    key = f"{kind}:{r.name}"
+                    low[key] = min(low.get(key, int(c)), int(c))
+            return plans
+
+        def _run_pass(self, epoch, pi, spec, acc, resume):
+            out = super()._run_pass(epoch, pi, spec, acc, resume)
+            self._snap(f"after {spec.name} {epoch}")
             return out
 
         def evaluate(self):
@@ -206,6 +229,8 @@ def _bench_trainer_class():
                     "n_streams": self.n_streams, "train_samples": int(self.index["totals"]["n"]),
                     "shards": len(self.index["shards"]), "peak_rss_mib": peak_rss_mib(),
                     "bytes_sent": dict(self.coll.bytes_sent), "calls": dict(self.coll.calls),
+                    "queue_filled": [int(q.filled) for q in getattr(self.method, "queues", [])],
+                    "queue_size": int(self.cfg.coreg.queue_size) if "coreg" in self.cfg else 0,
                     "params_per_net": [sum(p.numel() for p in n.parameters())
                                        for n in self.method.networks()],
                     **self.bench}
@@ -273,10 +298,12 @@ def overrides(a, pool: str, out: str) -> List[str]:
             f"train.batch_size={a.batch_size}", "model.backbone=small_cnn",
             f"data.streams={a.streams}", f"run.threads={a.threads}",
             f"train.eval_batch_size={a.eval_batch_size}", f"data.shuffle_buffer={a.shuffle_buffer}",
-            "data.num_workers=0"]
+            "data.num_workers=0"] + ([f"coreg.queue_size={a.queue_size}"] if a.queue_size > 0 else [])
 
 
-def run_training(a, world: int, pool: str, out: str) -> Dict:
+def run_training(a, world: int, pool: str, out: str, mmap_threshold: int = 0) -> Dict:
+    """One training run (world 1: this file --worker; world 2: torchrun); returns the ranks' records.
+    `mmap_threshold` > 0 sets MALLOC_MMAP_THRESHOLD_ in the training processes (memory runs)."""
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
@@ -288,6 +315,8 @@ def run_training(a, world: int, pool: str, out: str) -> Dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", *entry]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    if mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     log = os.path.join(out, "bench_log.txt")
     t0 = time.time()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -360,6 +389,8 @@ def summarize(run: Dict) -> Dict:
     s["outside_rank0"] = outside
     s["rss_trace_rank0"] = ranks[0]["rss"]
     s["params_per_net"] = ranks[0]["params_per_net"]
+    s["queue_filled"], s["queue_size"] = ranks[0].get("queue_filled", []), ranks[0].get("queue_size", 0)
+    s["routed_min"] = ranks[0].get("routed_min", {})
     return s
 
 
@@ -373,35 +404,54 @@ def fmt_list(xs: List[float], f: str = "{:.0f}") -> str:
     return " / ".join(f.format(x) if x == x else "-" for x in xs)
 
 
-def print_run(s: Dict, n_target: int) -> None:
+def print_run(sp: Dict, s: Dict, n_target: int, pinned: bool) -> None:
+    """`sp`: the throughput run; `s`: the memory run (the same run when nothing is pinned)."""
     w = s["world"]
-    print(f"\n--- world size {w}, N = {n_target} ({s['N']} training samples in {s['shards']} shards), "
-          f"wall {s['wall_s']:.1f}s (incl. process start, init scan, co-divide, evaluation, checkpoints); "
-          f"1-min load average {s['load'][0]:.2f} before, {s['load'][1]:.2f} after")
+    rk = "rank 0 / rank 1" if w > 1 else "rank 0"
+    walls = (f"throughput run {sp['wall_s']:.1f}s, memory run {s['wall_s']:.1f}s" if pinned
+             else f"{s['wall_s']:.1f}s")
+    print(f"\n--- world size {w}, N = {n_target} ({s['N']} training samples in {s['shards']} shards); "
+          f"wall {walls} (incl. process start, init scan, co-divide, evaluation, checkpoints); "
+          f"1-min load average {sp['load'][0]:.2f} before, {sp['load'][1]:.2f} after the throughput run")
     print(f"  optimizer steps per rank: {s['steps']} ({s['steps_warmup']} warm-up, {s['steps_coreg']} Co-Reg); "
           f"torch threads per rank: {s['threads']}")
-    rk = "rank 0 / rank 1" if w > 1 else "rank 0"
-    print(f"  samples/s per rank [{rk}]: warm-up epochs {fmt_list(s['sps_warmup'])}, "
-          f"Co-Reg epochs {fmt_list(s['sps_coreg'])}")
-    print(f"  data-wait fraction per rank [{rk}]: warm-up {fmt_list(s['wait_warmup'], '{:.1%}')}, "
-          f"Co-Reg {fmt_list(s['wait_coreg'], '{:.1%}')}")
-    print(f"  peak RSS per rank (MiB) [{rk}]: {fmt_list(s['peak_rss_each'], '{:.1f}')}")
-    trace = ", ".join(f"{t['at']}: peak {t['peak_mib']:.0f} / now {t['current_mib']:.0f}"
+    print(f"  samples/s per rank [{rk}]: warm-up epochs {fmt_list(sp['sps_warmup'])}, "
+          f"Co-Reg epochs {fmt_list(sp['sps_coreg'])}")
+    print(f"  data-wait fraction per rank [{rk}]: warm-up {fmt_list(sp['wait_warmup'], '{:.1%}')}, "
+          f"Co-Reg {fmt_list(sp['wait_coreg'], '{:.1%}')}")
+    if pinned:
+        print(f"  peak RSS per rank (MiB) [{rk}]: memory run {fmt_list(s['peak_rss_each'], '{:.1f}')}; "
+              f"throughput run (glibc's dynamic mmap threshold) {fmt_list(sp['peak_rss_each'], '{:.1f}')}")
+    else:
+        print(f"  peak RSS per rank (MiB) [{rk}]: {fmt_list(s['peak_rss_each'], '{:.1f}')}")
+    if s["queue_filled"]:
+        print(f"  MoCo queues at the end (rank 0): filled {' / '.join(map(str, s['queue_filled']))} of "
+              f"{s['queue_size']} each")
+    trace = ", ".join(f"{t['at']}: {t['peak_mib']:.0f} / {t['current_mib']:.0f}"
                       for t in s["rss_trace_rank0"])
-    print(f"  rank 0 RSS over the run (MiB): {trace}")
+    print(f"  rank 0 RSS{' (memory run)' if pinned else ''}, peak so far / current (MiB): {trace}")
     for kind, label in (("warmup", "warm-up step"), ("train", "Co-Reg step")):
         parts = ", ".join(f"{p}={v:.0f}" for p, v in s[f"{kind}:parts_per_step"].items())
         print(f"  per {label} (rank 0, {s[kind + ':samples_per_step']:.0f} samples: {parts}): "
               f"Collectives all-reduce {fmt_b(s[kind + ':all_reduce'][0])} B, "
               f"all-gather {fmt_b(s[kind + ':all_gather'][0])} B"
-              + (f"; not in the counters: DDP gradient buckets {fmt_b(s[kind + ':ddp_grad_all_reduce'][0])} B "
-                 f"all-reduced, other torch.distributed.all_reduce input "
-                 f"{fmt_b(s[kind + ':wire_all_reduce'][0] - s[kind + ':ddp_grad_all_reduce'][0])} B (backward "
-                 f"of the gathered queries); torch.distributed.all_gather input "
+              + (f" (the all-reduce is the backward of the queries gathered with their gradient); "
+                 f"the engine's DDP gradient buckets {fmt_b(s[kind + ':ddp_grad_all_reduce'][0])} B "
+                 f"all-reduced; as handed to torch.distributed: all_reduce "
+                 f"{fmt_b(s[kind + ':wire_all_reduce'][0])} B, all_gather "
                  f"{fmt_b(s[kind + ':wire_all_gather'][0])} B" if w > 1 else ""))
+    if pinned:
+        keys = [f"{k}:{c}" for k in ("warmup", "train") for c in ("all_reduce", "all_gather", "ddp_grad_all_reduce")]
+        diff = [k for k in keys if fmt_list(sp[k]) != fmt_list(s[k])]
+        print("  bytes per step of the throughput run: " +
+              ("the same as the memory run's" if not diff else f"DIFFER from the memory run's in {diff}"))
     print("  collectives outside optimizer steps, whole run, rank 0 (calls / bytes this rank contributed):")
+    label = {"all_reduce": "Collectives all-reduce", "all_gather": "Collectives all-gather",
+             "object_pickled": "object gathers (pickled size)",
+             "wire_all_reduce": "torch.distributed.all_reduce input",
+             "wire_all_gather": "torch.distributed.all_gather input"}
     for ph, d in s["outside_rank0"].items():
-        items = ", ".join(f"{k} {c} / {fmt_b(b)} B" for k, (c, b) in sorted(d.items()))
+        items = ", ".join(f"{label[k]} {c} / {fmt_b(b)} B" for k, (c, b) in sorted(d.items()) if k in label)
         print(f"    {ph}: {items}")
 
 
@@ -415,6 +465,16 @@ def check_flat(a, small: Dict, big: Dict) -> List[str]:
     extra = big["N"] - small["N"]
     sens = (allowed - base) * 2 ** 20 / max(extra, 1)
     ok = grown <= allowed
+    notes = []
+    qf, qs = small["queue_filled"], small["queue_size"]
+    if qf and min(qf) < qs:
+        notes.append(f"NOTE  world {w}: at N={small['N']} the MoCo queues held only {' / '.join(map(str, qf))} of "
+                     f"{qs} keys; the contrastive working set and the queue's pages keep growing until they "
+                     f"are full, so part of any RSS growth is that bounded fill (see --queue-size)")
+    for key, c in sorted(small["routed_min"].items()):
+        if c < a.shuffle_buffer:
+            notes.append(f"NOTE  world {w}: at N={small['N']} a stream of route {key} had {c} samples < "
+                         f"shuffle_buffer={a.shuffle_buffer}: that buffer was not full at N (see --shuffle-buffer)")
     lines.append(f"{'PASS' if ok else 'FAIL'}  world {w}: peak RSS per rank (max over ranks) "
                  f"{base:.1f} MiB at N={small['N']} -> {grown:.1f} MiB at N={big['N']} "
                  f"({grown - base:+.1f} MiB, {100 * (grown / base - 1):+.1f}%); allowed "
@@ -443,7 +503,7 @@ def check_flat(a, small: Dict, big: Dict) -> List[str]:
     lines.append(f"{'PASS' if not bad else 'FAIL'}  world {w}: bytes per optimizer step, N={small['N']} -> "
                  f"N={big['N']} (rank 0): {'; '.join(shown)}. Tolerance: equal up to the relative change "
                  f"in samples per step ({comp_txt})." + (f" Differs: {'; '.join(bad)}" if bad else ""))
-    return lines
+    return lines + notes
 
 
 def machine_lines(a) -> List[str]:
@@ -485,6 +545,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--shuffle-buffer", type=int, default=256,
                     help="data.shuffle_buffer per stream and route; small enough that the buffers "
                          "are full at N already, so the N vs 10N comparison sees only N")
+    ap.add_argument("--queue-size", type=int, default=2048,
+                    help="coreg.queue_size (MoCo queue per network; the method's default is 8192, "
+                         "0 keeps it): small enough to be full by the end of the N run, so the "
+                         "N vs 10N comparison sees only N (the contrastive loss's working set and the "
+                         "queue's committed pages grow with its fill level until it is full)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ (bytes) of the memory runs; 0 = no separate memory "
+                         "runs, peak RSS from the throughput runs under glibc's defaults. A fixed "
+                         "threshold returns freed large blocks to the OS, so peak RSS measures what "
+                         "the process holds; glibc's dynamic threshold keeps freed blocks in the heap "
+                         "(a peak that grows with the number of iterations, not with what is held). "
+                         "It slows training, hence separate throughput runs")
     ap.add_argument("--threads", type=int, default=2, help="run.threads (whole machine)")
     ap.add_argument("--rss-tol-pct", type=float, default=15.0)
     ap.add_argument("--rss-tol-mib", type=float, default=30.0)
@@ -507,6 +579,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"steps; warm-up steps take {2 * a.batch_size}), epochs={a.epochs} (warm_up=1, feature terms "
           f"from the first Co-Reg epoch), data.streams={a.streams}, shuffle_buffer={a.shuffle_buffer}, "
           f"eval_batch_size={a.eval_batch_size}, gloo for 2 processes")
+    print(f"measurement conditions: coreg.queue_size={a.queue_size or 'default (8192)'}; "
+          + (f"peak RSS from memory runs with MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}, samples/s "
+             f"from throughput runs with glibc's defaults" if a.malloc_mmap_threshold > 0 else
+             "one run per configuration, glibc's malloc defaults") + " (see --help)")
     print(f"workdir: {a.workdir}", flush=True)
 
     pools = {}
@@ -516,42 +592,65 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pool N={n}: {root} ({'reused' if dt == 0 else f'written in {dt:.1f}s'})", flush=True)
         pools[n] = root
 
-    results: Dict = {}
+    pinned = a.malloc_mmap_threshold > 0
+    speed: Dict = {}          # throughput runs: the allocator as the environment has it
+    mem: Dict = {}            # memory runs: MALLOC_MMAP_THRESHOLD_ pinned (the same runs if not)
     for w in worlds:
         for n in sizes:
             out = os.path.join(a.workdir, "runs", f"w{w}_n{n}")
-            print(f"training: world size {w}, N={n} -> {out} ...", flush=True)
-            results[(w, n)] = summarize(run_training(a, w, pools[n], out))
-            print(f"  done in {results[(w, n)]['wall_s']:.1f}s", flush=True)
+            print(f"training: world size {w}, N={n}{' throughput run' if pinned else ''} -> {out} ...", flush=True)
+            speed[(w, n)] = summarize(run_training(a, w, pools[n], out))
+            print(f"  done in {speed[(w, n)]['wall_s']:.1f}s", flush=True)
+            if pinned:
+                out = os.path.join(a.workdir, "runs", f"w{w}_n{n}_mem")
+                print(f"training: world size {w}, N={n} memory run -> {out} ...", flush=True)
+                mem[(w, n)] = summarize(run_training(a, w, pools[n], out, a.malloc_mmap_threshold))
+                print(f"  done in {mem[(w, n)]['wall_s']:.1f}s", flush=True)
+            else:
+                mem[(w, n)] = speed[(w, n)]
 
     print("\n== details ==")
     print("samples/s per rank = training samples this rank fed to optimizer steps / (its step compute "
           "+ data wait); data-wait fraction = wait / (compute + wait). Co-divide and evaluation time "
           "are not in the denominator (their data wait is, as the trainer's metrics.jsonl counts it).")
-    for key in sorted(results):
-        print_run(results[key], key[1])
+    if pinned:
+        print(f"Each configuration runs twice: a throughput run (samples/s, data wait) with glibc's malloc "
+              f"defaults, and a memory run (peak RSS, bytes) with MALLOC_MMAP_THRESHOLD_="
+              f"{a.malloc_mmap_threshold}, which returns every freed block of that size or more to the OS "
+              f"(and costs speed: page faults on every large tensor).")
+    for key in sorted(mem):
+        print_run(speed[key], mem[key], key[1], pinned)
 
     print("\n== table (per rank; bytes per optimizer step from the Collectives counters, warm-up step / "
           "Co-Reg step; RSS = max over ranks) ==")
+    rss_h = "peak RSS MiB" + (" mem/thr" if pinned else "")
     hdr = (f"{'world':>5} {'N':>7} {'steps':>6} {'samples/s/rank':>16} {'data-wait':>13} "
-           f"{'peak RSS MiB':>12} {'all-reduce B/step':>18} {'all-gather B/step':>18} {'DDP grad B/step':>18}")
+           f"{rss_h:>20} {'all-reduce B/step':>18} {'all-gather B/step':>18} {'DDP grad B/step':>18}")
     print(hdr)
     print("-" * len(hdr))
-    for (w, n), s in sorted(results.items()):
-        sps = f"{sum(s['sps_warmup']) / w:.0f} / {sum(s['sps_coreg']) / w:.0f}"
-        wait = f"{sum(s['wait_warmup']) / w:.1%} / {sum(s['wait_coreg']) / w:.1%}"
+    for (w, n), s in sorted(mem.items()):
+        sp = speed[(w, n)]
+        sps = f"{sum(sp['sps_warmup']) / w:.0f} / {sum(sp['sps_coreg']) / w:.0f}"
+        wait = f"{sum(sp['wait_warmup']) / w:.1%} / {sum(sp['wait_coreg']) / w:.1%}"
+        rss = f"{s['peak_rss']:.1f} / {sp['peak_rss']:.1f}" if pinned else f"{s['peak_rss']:.1f}"
         ar = f"{fmt_b(s['warmup:all_reduce'][0])} / {fmt_b(s['train:all_reduce'][0])}"
         ag = f"{fmt_b(s['warmup:all_gather'][0])} / {fmt_b(s['train:all_gather'][0])}"
         ddp = (f"{fmt_b(s['warmup:ddp_grad_all_reduce'][0])} / {fmt_b(s['train:ddp_grad_all_reduce'][0])}"
                if w > 1 else "- / -")
-        print(f"{w:>5} {n:>7} {s['steps']:>6} {sps:>16} {wait:>13} {s['peak_rss']:>12.1f} "
+        print(f"{w:>5} {n:>7} {s['steps']:>6} {sps:>16} {wait:>13} {rss:>20} "
               f"{ar:>18} {ag:>18} {ddp:>18}")
-    print("(samples/s and data-wait: warm-up epochs / Co-Reg epochs, mean over ranks; bytes: rank 0)")
+    print("(samples/s and data-wait: warm-up epochs / Co-Reg epochs, mean over ranks, throughput runs; "
+          + ("peak RSS: memory run / throughput run; " if pinned else "") + "bytes: rank 0)")
 
     print("\n== flat in N ==")
     for w in worlds:
-        for line in check_flat(a, results[(w, sizes[0])], results[(w, sizes[1])]):
+        for line in check_flat(a, mem[(w, sizes[0])], mem[(w, sizes[1])]):
             print(line)
+        if pinned:
+            x, y = speed[(w, sizes[0])]["peak_rss"], speed[(w, sizes[1])]["peak_rss"]
+            print(f"INFO  world {w}: peak RSS of the throughput runs (glibc's dynamic mmap threshold) "
+                  f"{x:.1f} -> {y:.1f} MiB ({y - x:+.1f} MiB); not a verdict: it includes freed blocks "
+                  f"glibc keeps in its heap, more of them the more iterations a run makes")
     print(f"\nwall time: {time.time() - t_start:.1f}s")
     return 0
 

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from coreg_dist.config import load_config
-from coreg_dist.methods.base import Batch, DataInfo, Step, build_method
+from coreg_dist.data.stream import PassSpec, Route
+from coreg_dist.dist import Collectives
+from coreg_dist.engine import build_engine
+from coreg_dist.methods.base import Batch, BatchPart, DataInfo, PassRng, build_method
 
 
 def main() -> None:
@@ -37,26 +40,43 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
-    n = a.batch * 8
     cfg = load_config(None, [f"model.backbone={a.backbone}", f"model.bf16={a.bf16}",
                              f"model.channels_last={a.channels_last}", f"train.batch_size={a.batch}",
                              "coreg.warm_up=0", "coreg.feature_start=0"])
-    info = DataInfo(a.classes, a.channels, a.size, ["bench-000000"], [[f"k{i}" for i in range(n)]])
-    method = build_method("coreg", cfg, info, a.device)
-    rng = np.random.default_rng(0)
-    Y = np.zeros((n, a.classes), dtype=bool)
-    Y[np.arange(n), rng.integers(0, a.classes, n)] = True
-    Y |= rng.random((n, a.classes)) < 0.05
-    method.sample_state.set_all("pred0", Y / Y.sum(1, keepdims=True))
-    method.sample_state.set_all("pred1", Y / Y.sum(1, keepdims=True))
+    coll = Collectives()
+    method = build_method("coreg", cfg, DataInfo(a.classes, a.channels, a.size), a.device, coll)
+    engines = [build_engine(n, cfg, coll, a.device) for n in method.networks()]
+    method.attach_engines(engines)
     method.epoch = 0
-    method.plan_epoch(0, n)          # seeds the epoch's generators
-    x = torch.rand(a.batch, a.channels, a.size, a.size, device=a.device)
-    Yt = torch.from_numpy(Y[:a.batch]).float().to(a.device)
+    rng = np.random.default_rng(0)
+    Y = np.zeros((a.batch, a.classes), dtype=bool)
+    Y[np.arange(a.batch), rng.integers(0, a.classes, a.batch)] = True
+    Y |= rng.random((a.batch, a.classes)) < 0.05
+    Yt = torch.from_numpy(Y).float().to(a.device)
+    keys = [f"k{i}" for i in range(a.batch)]
+
+    def part(attach: bool) -> BatchPart:
+        x = torch.rand(a.batch, a.channels, a.size, a.size, device=a.device)
+        extra = {}
+        if attach:     # the other network's split: w and its candidate-masked prediction
+            for k in range(2):
+                extra[f"w{k}"] = torch.ones(a.batch, device=a.device)
+                extra[f"pred{k}"] = Yt / Yt.sum(1, keepdim=True)
+        return BatchPart(x=x, Y=Yt, true=torch.full((a.batch,), -1, device=a.device), keys=keys,
+                         attach=extra)
+
+    parts = {"x": part(True), "u": part(False)}
+    routes = (Route("x", a.batch), Route("u", a.batch))
+    rngs = PassRng(0, 0, 0, [0], 1)
 
     def step(net: int) -> None:
-        idx = np.arange(a.batch)
-        method.update(Batch(Step(net, idx, idx), x, Yt, x, Yt))
+        spec = PassSpec(f"train_net{net + 1}", net, steps=a.steps, routes=routes)
+        batch = Batch(spec=spec, epoch=0, step=0, parts=parts,
+                      sizes={"x": [a.batch], "u": [a.batch]}, rng=rngs)
+        out = method.update(batch)
+        engines[out.net].backward(out.loss)
+        engines[out.net].step()
+        method.after_step(batch, out)
 
     for i in range(a.warmup_steps):
         step(i % 2)

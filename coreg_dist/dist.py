@@ -13,8 +13,10 @@ size: in one process each call returns its input. Every rank must make the same 
 same order (that is what keeps them from hanging); the trainer arranges that by giving every
 rank the same number of steps and ending each sweep with a collective all reach.
 
-`bytes_sent` counts the payload this rank contributes per kind of call: the benchmark reads it
-to show that nothing of size N (or N x C) is ever communicated.
+`bytes_sent` counts the payload this rank contributes per kind of call (objects by their
+pickled size; the backward all-reduce of a gathered-with-gradient tensor under all_reduce): the
+benchmark reads it to show that nothing of size N (or N x C) is ever communicated. Gradient
+all-reduces belong to the engine (DDP's buckets), not to this object.
 """
 from __future__ import annotations
 
@@ -98,16 +100,16 @@ class Collectives:
         Sizes along dim 0 may differ between ranks (padded for the transfer). `grad=True` keeps
         the autograd graph (gradients flow back to each rank's own rows, summed over ranks);
         it requires equal sizes, which training batches have."""
+        if t.dtype == torch.bool and self.distributed:     # gloo has no bool all_gather
+            return self.all_gather(t.to(torch.uint8)).bool()
         self._count("all_gather", t.numel() * t.element_size())
         if not self.distributed:
             return t
-        if t.dtype == torch.bool:       # gloo has no bool all_gather
-            return self.all_gather(t.to(torch.uint8)).bool()
         if grad:
-            return _AllGatherWithGrad.apply(t.to(self.comm_device), self.world_size,
-                                            self.rank).to(t.device)
+            return _AllGatherWithGrad.apply(t.to(self.comm_device), self, self.rank).to(t.device)
         src = t.detach().to(self.comm_device)
         n = torch.tensor([src.shape[0]], dtype=torch.int64, device=self.comm_device)
+        self._count("all_gather", 8)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         tdist.all_gather(sizes, n)
         sizes = [int(s.item()) for s in sizes]
@@ -122,7 +124,8 @@ class Collectives:
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         """Small Python objects (counts, error examples, per-shard index rows), in rank order."""
-        self._count("object", 0)
+        import pickle
+        self._count("object", len(pickle.dumps(obj)))
         if not self.distributed:
             return [obj]
         out: List[Any] = [None] * self.world_size
@@ -149,6 +152,7 @@ class Collectives:
             return
         for b in module.buffers():
             if b.is_floating_point():
+                self._count("all_reduce", b.numel() * b.element_size())
                 t = b.to(self.comm_device)
                 tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
                 b.copy_(t.to(b.device) / self.world_size)
@@ -172,15 +176,16 @@ class _AllGatherWithGrad(torch.autograd.Function):
     batch, once DDP averages it. (torch.distributed.nn's version warns on every call in 2.13.)"""
 
     @staticmethod
-    def forward(ctx, t, world: int, rank: int):
-        parts = [torch.empty_like(t) for _ in range(world)]
+    def forward(ctx, t, coll: "Collectives", rank: int):
+        parts = [torch.empty_like(t) for _ in range(coll.world_size)]
         tdist.all_gather(parts, t.contiguous())
-        ctx.rank, ctx.n = rank, t.shape[0]
+        ctx.coll, ctx.rank, ctx.n = coll, rank, t.shape[0]
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
+        ctx.coll._count("all_reduce", grad.numel() * grad.element_size())
         tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None
 

@@ -54,3 +54,10 @@ def test_cli_unknown_key_exits_with_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "coreg_dist.data_cli", "inspect", "data.rooot=x"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "data.rooot" in r.stderr
+
+
+def test_several_presets_merge_in_order(tmp_path):
+    cfg = load_config([os.path.join(ROOT, "configs", "demo.yaml"),
+                       os.path.join(ROOT, "configs", "data", "photos-64.yaml")], ["data.channels=1"])
+    assert cfg.run.out_dir == "runs/demo" and cfg.data.image_size == 64 and cfg.data.channels == 1
+    assert cfg.train.crop_pad == 8          # the later preset wins

@@ -192,3 +192,13 @@ def test_method_config_section_comes_from_the_registry():
     from coreg_dist.config import schema
     from coreg_dist.methods.coreg import CoRegConfig
     assert schema().coreg.warm_up == CoRegConfig().warm_up
+
+
+def test_shards_through_a_url_train_exactly_as_local_files(dataset, tmp_path):
+    """data.shard_url streams every shard through webdataset's gopen (here `pipe:cat`), with
+    no seeking; local files are read by byte span. Same samples, same order, same result."""
+    local = train(cfg_for(dataset, str(tmp_path / "local"), "train.epochs=3"), "cpu")
+    piped = train(cfg_for(dataset, str(tmp_path / "pipe"), "train.epochs=3",
+                          f"data.shard_url=pipe:cat {dataset}/{{path}}"), "cpu")
+    assert piped["test_acc_ensemble"] == local["test_acc_ensemble"]
+    assert_same_model(final_model(str(tmp_path / "local")), final_model(str(tmp_path / "pipe")))
