@@ -202,3 +202,55 @@ def test_shards_through_a_url_train_exactly_as_local_files(dataset, tmp_path):
                           f"data.shard_url=pipe:cat {dataset}/{{path}}"), "cpu")
     assert piped["test_acc_ensemble"] == local["test_acc_ensemble"]
     assert_same_model(final_model(str(tmp_path / "local")), final_model(str(tmp_path / "pipe")))
+
+
+@pytest.fixture(scope="module")
+def one_shard_corrupt(tmp_path_factory):
+    """Two shards; every image of the second one is garbage (a stream's own shards then hold
+    nothing decodable)."""
+    from coreg_dist.shards.format import image_shard_path
+    from coreg_dist.shards.reader import iter_tar
+    from coreg_dist.shards.writer import ShardWriter
+    root = str(tmp_path_factory.mktemp("corrupt"))
+    make_dataset(root, n_train=32, n_test=16, num_classes=4, shard_size=16, size=16)
+    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
+                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
+    path = image_shard_path(root, "train-000001")
+    samples = list(iter_tar(path))
+    with ShardWriter(path) as w:
+        for key, fields in samples:
+            w.write(key, dict(fields, png=b"not a png at all"))
+    return root
+
+
+def test_shard_of_corrupt_images_is_reported_marked_bad_and_survived(one_shard_corrupt, tmp_path):
+    out = str(tmp_path / "c")
+    report = train(cfg_for(one_shard_corrupt, out, "data.streams=2", "train.epochs=3"), "cpu")
+    assert report["data_errors"]["counts"] == {"corrupt_image": 16}
+    ex = report["data_errors"]["examples"][0]
+    assert ex["shard"] == "train-000001" and ex["key"].startswith("train_")
+    meta = json.load(open(os.path.join(latest(out), "meta.json")))
+    st = np.load(os.path.join(out, "state", f"v{meta['state_version']:05d}", "train-000001.npz"))
+    assert (st["bad"] == 1).all() and len(st["bad"]) == 16     # the sweep marked them for good
+    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert metrics[-1]["n_p_net1"] + metrics[-1]["n_u_net1"] == 16   # only decodable samples split
+
+
+def test_epoch_boundary_resume_keeps_the_error_counts(one_shard_corrupt, tmp_path):
+    out = str(tmp_path / "r")
+    train(cfg_for(one_shard_corrupt, out, "data.streams=2", "train.epochs=2"), "cpu")
+    again = train(cfg_for(one_shard_corrupt, out, "data.streams=2", "train.epochs=3",
+                          "train.resume=latest"), "cpu")
+    assert again["data_errors"]["counts"] == {"corrupt_image": 16}
+
+
+def test_shard_names_that_could_reach_a_shell_are_refused(dataset, tmp_path):
+    from coreg_dist.shards.format import FormatError, read_manifest
+    import shutil
+    root = str(tmp_path / "evil")
+    shutil.copytree(dataset, root)
+    man = json.load(open(os.path.join(root, "manifest.json")))
+    man["splits"]["train"][0]["name"] = "x; touch /tmp/pwned; echo"
+    json.dump(man, open(os.path.join(root, "manifest.json"), "w"))
+    with pytest.raises(FormatError, match="shard name"):
+        read_manifest(root)

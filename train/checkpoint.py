@@ -150,6 +150,14 @@ def check_resumable(path: str, meta: Dict, world_size: int, streams: int) -> Non
                          f"this run has {streams}: set data.streams={meta['streams']} to resume it")
 
 
+def saved_error_logs(path: str):
+    """Every rank's error log in a checkpoint (an epoch-boundary resume, perhaps on another
+    number of ranks, keeps what the earlier ranks found)."""
+    for name in sorted(os.listdir(path)):
+        if name.startswith("rank_") and name.endswith(".pt"):
+            yield torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)["errors"]
+
+
 def load_checkpoint(path: str, rank: int, device: str = "cpu") -> Tuple[Dict, Dict, Optional[Dict]]:
     """(meta, model_state, this rank's part or None at an epoch boundary). weights_only=True."""
     meta = read_json(os.path.join(path, META))

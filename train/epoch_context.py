@@ -141,9 +141,9 @@ class StateUpdate:
         for r in merged.values():
             for k, v in r.items():
                 totals[k] = totals.get(k, 0) + int(v)
+        self.index = {"version": self.new, "epoch": self.epoch, "shards": merged, "totals": totals}
         if self.coll.is_main:
-            self.store.commit(self.new, {"version": self.new, "epoch": self.epoch,
-                                         "shards": merged, "totals": totals})
+            self.store.commit(self.new, self.index)
         self.coll.barrier()
         return totals
 
@@ -159,6 +159,7 @@ class EpochContext:
         self.stream_ctx, self.sweep_shard_names = stream_ctx, list(sweep_shards)
         self.image_shape, self.errors = image_shape, errors
         self.data_wait_s = 0.0
+        self.undecodable: Dict[str, set] = {}       # shard -> keys a sweep could not decode
 
     @property
     def totals(self) -> Dict[str, int]:
@@ -184,6 +185,9 @@ class EpochContext:
                                num_workers=d.num_workers, prefetch=d.prefetch):
             self.data_wait_s += b.wait_s
             report_events(self.errors, b.errors, self.coll.rank)
+            for kind, shard, key, _, _ in b.errors:
+                if kind == "corrupt_image":
+                    self.undecodable.setdefault(shard, set()).add(key)
             yield SweepItem(b.shard, to_device_part(b.part, self.device), b.last, gens, seed)
 
     def state_update(self, reset: Sequence[str] = ()) -> "EpochStateUpdate":
@@ -191,7 +195,8 @@ class EpochContext:
 
 
 class EpochStateUpdate(StateUpdate):
-    """A StateUpdate that, once committed, becomes the context's current version."""
+    """A StateUpdate that marks what the sweep could not decode as bad (later passes and sweeps
+    skip it) and, once committed, becomes the context's current version."""
 
     def __init__(self, ctx: EpochContext, reset: Sequence[str]):
         new = ctx.version + 1
@@ -200,8 +205,16 @@ class EpochStateUpdate(StateUpdate):
         super().__init__(ctx.store, ctx.version, new, ctx.sweep_shard_names, ctx.coll, reset, ctx.epoch)
         self.ctx = ctx
 
+    def end_shard(self, shard: str) -> None:
+        keys = self.ctx.undecodable.get(shard)
+        if keys and "bad" in self.store.fields:
+            st = self._get(shard)
+            rows = st.rows(sorted(keys))
+            st.arrays["bad"][rows[rows >= 0]] = 1
+        super().end_shard(shard)
+
     def commit(self, counts) -> Dict[str, int]:
         totals = super().commit(counts)
         self.ctx.version = self.new
-        self.ctx.index = self.store.read_index(self.new)
+        self.ctx.index = self.index     # every rank gathered the same; no re-read of rank 0's file
         return totals

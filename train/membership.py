@@ -30,6 +30,8 @@ from train.epoch_context import report_events
 # Per-sample state the trainer keeps for every method (the method adds its own fields).
 TRAINER_FIELDS = {"true": FieldSpec((), "int16", -1),      # class from the image shard (logging)
                   "fixed": FieldSpec((), "int16", -1),     # few-shot manual label, -1 = none
+                  "bad": FieldSpec((), "int8", 0),         # 1: its image would not decode (found by
+                                                           # a sweep; skipped from then on)
                   # byte spans of the sample in its image and label shards: later passes read
                   # only the samples they need (seek), not whole shards
                   **{name: FieldSpec((), "int64", -1) for name in SPAN_FIELDS}}

@@ -37,7 +37,8 @@ from coreg_dist.shards.format import (FormatError, Manifest, column_shard_path, 
 from coreg_dist.shards.reader import ErrorLog, iter_tar
 from coreg_dist.state import FieldSpec, StateStore
 from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
-                              load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                              load_checkpoint, rng_state, save_checkpoint, saved_error_logs,
+                              set_rng_state)
 from train.epoch_context import EpochContext, report_events, to_device_part
 from train.membership import TRAINER_FIELDS, build_initial_state
 from train.metrics_log import MetricsLogger, to_jsonable
@@ -89,6 +90,7 @@ class Trainer:
         self.main = self.coll.is_main
         self.run_dir = cfg.run.out_dir
         self.errors = ErrorLog()
+        self._warned: set = set()
         self.global_step = 0
         self.t_start = time.time()
 
@@ -97,9 +99,30 @@ class Trainer:
             print(msg, flush=True)
 
     # ------------------------------------------------------------------ set-up
+    def _check_shared_run_dir(self) -> None:
+        """Ranks read the per-sample state other ranks wrote and write their checkpoint parts
+        into one folder: run.out_dir must be storage every rank sees."""
+        token = os.path.join(self.run_dir, ".rank0-token")
+        if self.main:
+            with open(token, "w") as f:
+                f.write(f"{os.getpid()} {time.time()}\n")
+        self.coll.barrier()
+        seen = os.path.isfile(token) and open(token).read()
+        ok = self.coll.all_gather_object(bool(seen))
+        self.coll.barrier()
+        if self.main:
+            os.unlink(token)
+        if not all(ok):
+            missing = [r for r, o in enumerate(ok) if not o]
+            raise RuntimeError(f"run.out_dir ({self.run_dir}) is not shared: rank(s) {missing} cannot see "
+                               "what rank 0 writes there. Put it on a filesystem every node mounts "
+                               "(the per-sample state and the checkpoints are written by every rank).")
+
     def _setup(self) -> None:
         cfg, coll = self.cfg, self.coll
         os.makedirs(self.run_dir, exist_ok=True)
+        if coll.distributed:
+            self._check_shared_run_dir()
         self.config_file = save_config(cfg, self.run_dir) if self.main else ""
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -168,6 +191,9 @@ class Trainer:
             where = f"epoch {meta['epoch']}, pass {meta['pass_index']}, step {meta['step']}"
             self.log(f"resumed from {path}: continuing mid-epoch at {where}")
             return int(meta["epoch"]), {"meta": meta, "rank": rank_state}
+        if self.main:
+            for log in saved_error_logs(path):
+                self.errors.merge(log)
         self.log(f"resumed from {path}: continuing at epoch {meta['epoch']}")
         return int(meta["epoch"]), None
 
@@ -179,6 +205,7 @@ class Trainer:
                                  f"do not split over data.streams={self.n_streams}; make train.batch_size "
                                  f"a multiple of data.streams")
         plans = plan_streams(spec, self.index["shards"], self.n_streams, (self.cfg.run.seed, epoch, pi))
+        self._warn_imbalance(spec, plans)
         mine = rank_streams(plans, self.coll.rank, self.coll.world_size)
         if resume is None:
             return mine
@@ -191,6 +218,21 @@ class Trainer:
                                  "the checkpoint's (did the dataset or its state change?)")
             out.append(replace(p, skip=tuple(int(s["taken"][r.name]) for r in spec.routes)))
         return out
+
+    def _warn_imbalance(self, spec: PassSpec, plans: List[StreamPlan]) -> None:
+        """Shards are dealt whole to streams; every stream gives the same number of samples per
+        epoch, so a stream holding fewer repeats some and one holding more leaves some for the
+        next epoch. Say so once per part when that exceeds 25%."""
+        for i, r in enumerate(spec.routes):
+            key = (spec.name.rstrip("0123456789"), r.name)
+            counts = [p.counts[i] for p in plans]
+            need = spec.steps * r.per_step // self.n_streams
+            if self.main and key not in self._warned and max(counts) > 1.25 * max(1, min(counts)):
+                self._warned.add(key)
+                print(f"note: pass {spec.name}, part '{r.name}': the {self.n_streams} streams hold "
+                      f"{min(counts)} to {max(counts)} samples and each gives {need} per epoch, so some "
+                      "samples repeat within an epoch and others wait for the next (shards are dealt "
+                      "whole to streams: more, smaller shards balance them)", flush=True)
 
     def _run_pass(self, epoch: int, pi: int, spec: PassSpec, acc: Dict, resume: Optional[Dict]) -> None:
         cfg, d = self.cfg, self.cfg.data

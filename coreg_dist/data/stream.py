@@ -46,7 +46,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as wds_shuffle
-from webdataset.shardlists import split_by_node, split_by_worker
 
 from coreg_dist.data.transform import ImageDecodeError, ImageTransform
 from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR, IMAGE_EXTS
@@ -77,6 +76,9 @@ class ShardSource:
 
     def url(self, relpath: str) -> str:
         if self.url_template:
+            if self.url_template.startswith("pipe:"):     # a shell command: quote the path
+                import shlex
+                relpath = shlex.quote(relpath)
             return self.url_template.format(path=relpath)
         import os
         return os.path.join(self.root, relpath)
@@ -172,8 +174,11 @@ def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes], 
     if "cls" in fields:
         try:
             cls = int(decode_field("cls", fields["cls"]))
+            if not -1 <= cls < ctx.num_classes:
+                raise ValueError(f"class {cls} outside [0, {ctx.num_classes})")
         except ValueError as exc:
             errors.append(("bad_label", shard, key, src, f"cls field: {exc}"))
+            cls = -1
     cand = None
     if ctx.column:
         try:   # sorted and unique: the order per-candidate state values follow
@@ -196,6 +201,9 @@ def join_shard(ctx: StreamContext, shard: str, errors: List[ErrorEvent],
     whose state knows the members' byte spans is read by span: only the wanted samples'
     bytes, in file order. Otherwise (URLs, the first scan) the shard streams through.
     A member whose label cannot be found, a label without an image, damage: reported."""
+    if state is not None and "bad" in state.arrays:      # undecodable: found by a sweep
+        bad, inner = state.arrays["bad"], want
+        want = lambda st, r: bad[r] == 0 and (inner is None or inner(st, r))
     if state is not None and not ctx.source.url_template and all(f in state.arrays for f in SPAN_FIELDS) \
             and len(state) and (state.arrays["img_start"] >= 0).all():
         yield from _join_by_span(ctx, shard, errors, state, want)
@@ -386,16 +394,21 @@ class StreamPlan:
     seeds: Tuple[int, ...]                       # per route: seed of its cycles and shuffle buffer
     counts: Tuple[int, ...] = ()                 # per route: routed samples in its shards (index)
     skip: Tuple[int, ...] = ()                   # per route: samples already taken (resume)
+    spare: Tuple[Tuple[str, ...], ...] = ()      # per route: every shard with routed samples, for
+                                                 # a stream whose own yield nothing decodable
 
 
 class _RouteReader:
     """The sample stream of one (stream, route): joined, routed, cycled, shuffled, decoded."""
 
     def __init__(self, ctx: StreamContext, route: Route, shards: Sequence[str], seed: int,
-                 skip: int, attach: Sequence[str], shuffle_buffer: int, errors: List[ErrorEvent]):
+                 skip: int, attach: Sequence[str], shuffle_buffer: int, errors: List[ErrorEvent],
+                 spare: Sequence[str] = ()):
         self.ctx, self.route, self.shards, self.seed = ctx, route, list(shards), seed
+        self.spare = [n for n in spare if n not in set(self.shards)]
         self.errors = errors
         self.attach = attach
+        self.undecodable: set = set()      # (shard, key) that failed to decode in this pass
         self.taken = 0
         src = self._routed()
         if shuffle_buffer > 1:
@@ -415,11 +428,20 @@ class _RouteReader:
             for shard in order:
                 state = load_state(self.ctx, shard)
                 for s in join_shard(self.ctx, shard, self.errors, state, want=self.route.accepts):
+                    if (shard, s["key"]) in self.undecodable:
+                        continue
                     found += 1
                     yield _attach(_apply_fixed(s, state), state, self.attach)
+            if found == 0 and self.spare:
+                # Every sample of this stream's own shards was unreadable or undecodable (the
+                # next co-divide sweep marks such samples bad for good): borrow the others'.
+                self.shards, self.spare = self.shards + self.spare, []
+                continue
             if found == 0:
-                raise RuntimeError(f"stream has no usable sample for part '{self.route.name}' in shards "
-                                   f"{self.shards[:5]}{'...' if len(self.shards) > 5 else ''}")
+                raise RuntimeError(
+                    f"no decodable sample left for part '{self.route.name}' in shards "
+                    f"{self.shards[:5]}{'...' if len(self.shards) > 5 else ''}: see the corrupt_image "
+                    "and truncated_shard reports above")
             cycle += 1
 
     def take(self, n: int, image_shape: Tuple[int, ...]) -> Part:
@@ -430,7 +452,9 @@ class _RouteReader:
             try:
                 s["image"] = self.ctx.transform(s["data"])
             except ImageDecodeError as exc:
-                self.errors.append(("corrupt_image", s["shard"], s["key"], s["src"], str(exc)))
+                if (s["shard"], s["key"]) not in self.undecodable:
+                    self.undecodable.add((s["shard"], s["key"]))
+                    self.errors.append(("corrupt_image", s["shard"], s["key"], s["src"], str(exc)))
                 continue
             got.append(s)
         return _collate(self.ctx, got, self.attach, image_shape)
@@ -455,7 +479,7 @@ class PassDataset(IterableDataset):
         self.shuffle_buffer, self.image_shape = shuffle_buffer, image_shape
 
     def __iter__(self) -> Iterator[Chunk]:
-        mine = list(split_by_worker(self.streams))        # webdataset's worker splitting
+        mine = worker_share(self.streams)
         errors: List[ErrorEvent] = []
         readers = []
         for plan in mine:
@@ -463,7 +487,8 @@ class PassDataset(IterableDataset):
             readers.append([_RouteReader(self.ctx, r, plan.shards[i], plan.seeds[i],
                                          plan.skip[i] if plan.skip else 0, self.spec.attach,
                                          min(self.shuffle_buffer, max(1, plan.counts[i]))
-                                         if plan.counts else self.shuffle_buffer, errors)
+                                         if plan.counts else self.shuffle_buffer, errors,
+                                         plan.spare[i] if plan.spare else ())
                             for i, r in enumerate(self.spec.routes)])
         per = {r.name: r.per_step // self.n_streams for r in self.spec.routes}
         for step in range(self.start_step, self.spec.steps):
@@ -482,26 +507,29 @@ def plan_streams(spec: PassSpec, shard_counts: Dict[str, Dict[str, int]], n_stre
     for ri, r in enumerate(spec.routes):
         weights = [int(shard_counts[n].get(r.count_key, 0)) for n in names]
         per_route.append(assign_shards(names, weights, n_streams, seed_of(*seed_parts, ri)))
+    spare = tuple(tuple(n for n in names if int(shard_counts[n].get(r.count_key, 0)) > 0)
+                  for r in spec.routes)
     return [StreamPlan(stream=s, shards=tuple(tuple(pr[s]) for pr in per_route),
                        seeds=tuple(seed_of(*seed_parts, ri, s, 1) for ri in range(len(spec.routes))),
                        counts=tuple(sum(int(shard_counts[n].get(r.count_key, 0)) for n in pr[s])
-                                    for r, pr in zip(spec.routes, per_route)))
+                                    for r, pr in zip(spec.routes, per_route)),
+                       spare=spare)
             for s in range(n_streams)]
 
 
 def rank_streams(plans: Sequence[StreamPlan], rank: int, world: int) -> List[StreamPlan]:
-    """Stream s belongs to rank s mod W (webdataset's node splitting, applied to streams)."""
-    import os
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    try:
-        return list(split_by_node(list(plans)))
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """Stream s belongs to rank s mod W: webdataset's node splitting (split_by_node's
+    islice(rank, None, world)), applied to streams. Done here from explicit arguments, not
+    webdataset's function, which reads RANK / WORLD_SIZE from the environment first."""
+    return list(plans)[rank::world]
+
+
+def worker_share(items: Sequence) -> List:
+    """This DataLoader worker's items (all of them in the main process): webdataset's worker
+    splitting, from torch's worker info only (its split_by_worker prefers WORKER /
+    NUM_WORKERS environment variables, which a user's environment may set)."""
+    info = get_worker_info()
+    return list(items) if info is None else list(items)[info.id::info.num_workers]
 
 
 @dataclass
@@ -530,7 +558,10 @@ def iterate_pass(ctx: StreamContext, spec: PassSpec, streams: Sequence[StreamPla
     """This rank's steps of a pass (`streams` = the rank's StreamPlans, in stream order)."""
     if not streams:
         raise ValueError("this rank owns no stream: data.streams must be >= the world size")
-    workers = min(num_workers, len(streams))
+    # Workers take turns in the DataLoader: a worker with more streams than another would run
+    # ahead and its chunks pile up here, so use a worker count that divides the streams.
+    workers = max([w for w in range(1, min(num_workers, len(streams)) + 1) if len(streams) % w == 0],
+                  default=0) if num_workers else 0
     ds = PassDataset(ctx, spec, streams, n_streams, start_step, shuffle_buffer, image_shape)
     order = [p.stream for p in streams]
     pending: Dict[int, Dict[int, Chunk]] = {}
@@ -569,7 +600,7 @@ class SweepDataset(IterableDataset):
         self.attach, self.image_shape, self.need_label = tuple(attach), image_shape, need_label
 
     def __iter__(self) -> Iterator[SweepBatch]:
-        for shard in split_by_worker(self.shards):
+        for shard in worker_share(self.shards):
             errors: List[ErrorEvent] = []
             state = load_state(self.ctx, shard)
             buf: List[Dict] = []

@@ -299,11 +299,14 @@ class CoReg(Method):
 
     @staticmethod
     def _shard_counts(st, thr: float) -> Dict[str, int]:
-        out = {"n": len(st)}
+        # Samples the trainer marked bad (undecodable) belong to neither part.
+        good = st.arrays["bad"] == 0 if "bad" in st.arrays else np.ones(len(st), dtype=bool)
+        out = {"n": int(good.sum())}
         for k in range(2):
-            P = st.arrays[f"w{k}"] > thr
-            out[f"p{k}"], out[f"u{k}"] = int(P.sum()), int((~P).sum())
-            for part, m in (("p", P), ("u", ~P)):
+            P = (st.arrays[f"w{k}"] > thr) & good
+            U = ~P & good
+            out[f"p{k}"], out[f"u{k}"] = int(P.sum()), int(U.sum())
+            for part, m in (("p", P), ("u", U)):
                 hit, cover = st.arrays[f"hit{k}"][m], st.arrays["cover"][m]
                 out[f"{part}{k}_known"] = int((hit >= 0).sum())
                 out[f"{part}{k}_hit"] = int((hit == 1).sum())

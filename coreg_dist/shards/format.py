@@ -134,6 +134,12 @@ def read_manifest(root: str) -> Manifest:
             splits[split] = [ShardEntry(name=e["name"], n=int(e["n"])) for e in entries]
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: field 'splits.{split}' must be a list of {{name, n}}") from None
+        for e in splits[split]:
+            # Shard names become file names and may reach a shell (data.shard_url="pipe:..."):
+            # the same safe alphabet as keys, nothing else.
+            if not isinstance(e.name, str) or not _KEY_RE.match(e.name):
+                raise FormatError(f"{path}: shard name {e.name!r} in 'splits.{split}' is not "
+                                  "letters, digits, '_' and '-'")
     return Manifest(name=d["name"], classes=list(d["classes"]), splits=splits,
                     source=d.get("source", {}))
 

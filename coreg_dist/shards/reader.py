@@ -75,6 +75,17 @@ class ErrorLog:
         self.counts, self.examples = dict(s["counts"]), list(s["examples"])
         self._seen = {tuple(i) for i in s["seen"]}
 
+    def merge(self, s: Dict) -> None:
+        """Add another log's state_dict (a rank of an earlier run), counting each sample once."""
+        for ident in s["seen"]:
+            ident = tuple(ident)
+            if ident not in self._seen:
+                self._seen.add(ident)
+                self.counts[ident[0]] = self.counts.get(ident[0], 0) + 1
+        for e in s["examples"]:
+            if len(self.examples) < self.keep and e not in self.examples:
+                self.examples.append(e)
+
     @staticmethod
     def combine(states: List[Dict]) -> Dict:
         """One summary from several ranks' `state_dict()`s: a sample met on two ranks (in
