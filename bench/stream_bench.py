@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import resource
 import shlex

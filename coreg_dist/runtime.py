@@ -5,7 +5,7 @@ import argparse
 import os
 import random
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 

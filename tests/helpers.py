@@ -46,3 +46,30 @@ def make_dataset(root: str, n_train: int = 40, n_test: int = 20, num_classes: in
     m = Manifest(name="tiny", classes=[f"class{c}" for c in range(num_classes)], splits=splits)
     write_manifest(root, m)
     return m
+
+
+def make_labeled_dataset(root: str, n_train: int = 48, n_test: int = 24, num_classes: int = 4,
+                         shard_size: int = 16, size: int = 16) -> str:
+    """make_dataset plus a synthetic candidate column named 'synthetic' (q = eta = 0.2)."""
+    from annotate.cli import annotate_synthetic
+    from coreg_dist.config import load_config
+
+    make_dataset(root, n_train=n_train, n_test=n_test, num_classes=num_classes,
+                 shard_size=shard_size, size=size)
+    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
+                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
+    return root
+
+
+def corrupt_images(root: str, shard: str, rows=None) -> None:
+    """Replace the image bytes of the given rows (every row if None) of an image shard with bytes
+    that are not an image, keeping keys and labels."""
+    from coreg_dist.shards.reader import iter_tar
+
+    path = image_shard_path(root, shard)
+    samples = list(iter_tar(path))
+    with ShardWriter(path) as w:
+        for i, (key, fields) in enumerate(samples):
+            if rows is None or i in rows:
+                fields = dict(fields, png=b"\x89PNG\r\n\x1a\n not an image")
+            w.write(key, fields)

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from annotate.cli import annotate_synthetic
-from coreg_dist.config import load_config
 from coreg_dist.shards.format import column_shard_path, image_shard_path
 from coreg_dist.shards.reader import iter_tar
 from coreg_dist.shards.writer import ShardWriter
-from tests.helpers import make_dataset
+from tests.helpers import corrupt_images, make_labeled_dataset
 from train.cli import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,11 +40,7 @@ def torchrun(n, args, expect=0):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    make_dataset(root, n_train=64, n_test=24, num_classes=4, shard_size=16, size=16)
-    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
-                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
-    return root
+    return make_labeled_dataset(str(tmp_path_factory.mktemp("ds")), n_train=64, n_test=24)
 
 
 def latest(run_dir):
@@ -163,18 +157,8 @@ def test_world_size_change_at_epoch_boundary_only(dataset, tmp_path):
 def damaged(tmp_path_factory):
     """Four shards: a corrupt image in one, one truncated, a label column that misses a key and
     holds a key with no image in another, one healthy."""
-    root = str(tmp_path_factory.mktemp("bad"))
-    make_dataset(root, n_train=64, n_test=16, num_classes=4, shard_size=16, size=16)
-    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
-                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
-    # train-000000: one corrupt PNG
-    path = image_shard_path(root, "train-000000")
-    samples = list(iter_tar(path))
-    with ShardWriter(path) as w:
-        for i, (key, fields) in enumerate(samples):
-            if i == 5:
-                fields = dict(fields, png=b"\x89PNG\r\n\x1a\n not an image")
-            w.write(key, {k: v for k, v in fields.items()})
+    root = make_labeled_dataset(str(tmp_path_factory.mktemp("bad")), n_train=64, n_test=16)
+    corrupt_images(root, "train-000000", rows={5})          # train-000000: one corrupt PNG
     # train-000001: truncated in the middle
     path = image_shard_path(root, "train-000001")
     data = open(path, "rb").read()
@@ -208,10 +192,7 @@ def test_bad_input_on_two_ranks_is_named_counted_and_survived(damaged, tmp_path)
 
 
 def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
-    root = str(tmp_path / "uneven")
-    make_dataset(root, n_train=56, n_test=16, num_classes=4, shard_size=40, size=16)   # 40 + 16
-    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
-                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
+    root = make_labeled_dataset(str(tmp_path / "uneven"), n_train=56, n_test=16, shard_size=40)  # 40 + 16
     out = str(tmp_path / "run")
     torchrun(2, common(root, out, "train.epochs=2", "train.log_keys=true"))
     steps = []

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from annotate.cli import annotate_synthetic
 from coreg_dist.config import load_config
-from tests.helpers import make_dataset
+from tests.helpers import corrupt_images, make_labeled_dataset
 from train.trainer import RunKilled, train
 
 ALL_OFF = ["coreg.warmup_neg_entropy=false", "coreg.co_divide=false",
@@ -23,12 +22,7 @@ ALL_OFF = ["coreg.warmup_neg_entropy=false", "coreg.co_divide=false",
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    make_dataset(root, n_train=48, n_test=24, num_classes=4, shard_size=16, size=16)
-    cfg = load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann", "synthetic.q=0.2",
-                             "synthetic.eta=0.2"])
-    annotate_synthetic(cfg)
-    return root
+    return make_labeled_dataset(str(tmp_path_factory.mktemp("ds")), n_train=48, n_test=24)
 
 
 def cfg_for(root, out, *extra):
@@ -208,18 +202,8 @@ def test_shards_through_a_url_train_exactly_as_local_files(dataset, tmp_path):
 def one_shard_corrupt(tmp_path_factory):
     """Two shards; every image of the second one is garbage (a stream's own shards then hold
     nothing decodable)."""
-    from coreg_dist.shards.format import image_shard_path
-    from coreg_dist.shards.reader import iter_tar
-    from coreg_dist.shards.writer import ShardWriter
-    root = str(tmp_path_factory.mktemp("corrupt"))
-    make_dataset(root, n_train=32, n_test=16, num_classes=4, shard_size=16, size=16)
-    annotate_synthetic(load_config(None, [f"data.root={root}", f"run.out_dir={root}/ann",
-                                          "synthetic.q=0.2", "synthetic.eta=0.2"]))
-    path = image_shard_path(root, "train-000001")
-    samples = list(iter_tar(path))
-    with ShardWriter(path) as w:
-        for key, fields in samples:
-            w.write(key, dict(fields, png=b"not a png at all"))
+    root = make_labeled_dataset(str(tmp_path_factory.mktemp("corrupt")), n_train=32, n_test=16)
+    corrupt_images(root, "train-000001")
     return root
 
 

@@ -35,7 +35,7 @@ from coreg_dist.progress import progress
 from coreg_dist.shards.format import (FormatError, Manifest, column_shard_path, is_committed,
                                       read_column_info, read_manifest)
 from coreg_dist.shards.reader import ErrorLog, iter_tar
-from coreg_dist.state import FieldSpec, StateStore
+from coreg_dist.state import StateStore
 from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
                               load_checkpoint, rng_state, save_checkpoint, saved_error_logs,
                               set_rng_state)
