@@ -203,3 +203,17 @@ def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
             seen[(e, p)] = max(seen.get((e, p), -1), s)
         steps.append(seen)
     assert steps[0] == steps[1]
+
+
+def test_dataloader_workers_change_nothing_on_two_ranks(dataset, tmp_path):
+    """Each rank's streams split over its DataLoader worker processes: the batches, and so the
+    run, are the same as decoding in the training processes."""
+    a, b = str(tmp_path / "w0"), str(tmp_path / "w2")
+    torchrun(2, common(dataset, a, "train.epochs=2", "data.streams=4", "data.num_workers=0"))
+    torchrun(2, common(dataset, b, "train.epochs=2", "data.streams=4", "data.num_workers=2"))
+    for x, y in zip(metrics(a), metrics(b)):
+        assert x["test_acc_ensemble"] == y["test_acc_ensemble"] and x.get("loss/x") == y.get("loss/x")
+    A, B = model(a), model(b)
+    for k in range(2):
+        for name, t in A["nets"][k].items():
+            assert torch.equal(t, B["nets"][k][name]), name
