@@ -85,10 +85,6 @@ class Collectives:
     def max(self, x):
         return self._reduce(x, tdist.ReduceOp.MAX)
 
-    def mean(self, x):
-        s = self.sum(x)
-        return s / self.world_size if self.distributed else s
-
     def allreduce_fn(self):
         """The `allreduce(np.ndarray) -> np.ndarray` hook coreg_dist.gmm takes."""
         return lambda a: self.sum(np.asarray(a, dtype=np.float64))

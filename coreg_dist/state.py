@@ -110,11 +110,6 @@ class ShardState:
             return cls(shard or os.path.basename(path)[:-4], z["__keys__"], z["__ncand__"],
                        fields, arrays)
 
-    def with_fields(self, fields: Dict[str, FieldSpec]) -> "ShardState":
-        """The same members with another field set: kept fields are copied, new ones filled."""
-        keep = {n: a for n, a in self.arrays.items() if n in fields}
-        return ShardState(self.shard, self.keys, self.ncand, fields, keep)
-
 
 class StateStore:
     """The versioned per-shard state of a run: RUN/state/vNNNNN/<shard>.npz + index.json."""
