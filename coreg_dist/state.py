@@ -69,11 +69,14 @@ class ShardState:
     def _shape(self, spec: FieldSpec) -> Tuple[int, ...]:
         return (int(self.ptr[-1]),) if spec.per_candidate else (len(self.keys),) + tuple(spec.shape)
 
-    def rows(self, keys: Iterable[str]) -> np.ndarray:
-        """Row of each key, -1 for a key that is not a member."""
+    def row(self, key: str) -> int:
+        """Row of a key, -1 for a key that is not a member."""
         if self._row is None:
             self._row = {k: i for i, k in enumerate(self.keys.tolist())}
-        return np.asarray([self._row.get(k, -1) for k in keys], dtype=np.int64)
+        return self._row.get(key, -1)
+
+    def rows(self, keys: Iterable[str]) -> np.ndarray:
+        return np.asarray([self.row(k) for k in keys], dtype=np.int64)
 
     # ------------------------------------------------------------------ per-candidate fields
     def _flat_index(self, rows: np.ndarray) -> np.ndarray:

@@ -32,9 +32,9 @@ from coreg_dist.dist import init_distributed
 from coreg_dist.engine import build_engine
 from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
 from coreg_dist.progress import progress
-from coreg_dist.shards.format import (FormatError, Manifest, column_shard_path, is_committed,
-                                      read_column_info, read_manifest)
-from coreg_dist.shards.reader import ErrorLog, iter_tar
+from coreg_dist.shards.format import (FormatError, Manifest, read_column_info, read_manifest,
+                                      require_column_shards)
+from coreg_dist.shards.reader import ErrorLog, image_field, iter_tar
 from coreg_dist.state import StateStore
 from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
                               load_checkpoint, rng_state, save_checkpoint, saved_error_logs,
@@ -57,10 +57,10 @@ def image_transform(cfg, source: ShardSource, manifest: Manifest) -> ImageTransf
     if size <= 0 or channels <= 0:
         first = manifest.shards("train")[0].name
         for _, fields in iter_tar(source.image(first)):
-            data = next((fields[e] for e in ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
-                         if e in fields), None)
-            if data is None:
+            ext = image_field(fields)
+            if ext is None:
                 continue
+            data = fields[ext]
             mode, w, h = probe_image(data)
             if size <= 0:
                 if w != h or w > 512:
@@ -70,17 +70,6 @@ def image_transform(cfg, source: ShardSource, manifest: Manifest) -> ImageTransf
             channels = channels if channels > 0 else channels_for_mode(mode)
             break
     return ImageTransform(size=size, channels=channels, resize=d.resize, interpolation=d.interpolation)
-
-
-def check_column(root: str, column: str, manifest: Manifest) -> None:
-    """Every training shard needs a committed shard of the label column (local datasets)."""
-    missing = [s.name for s in manifest.shards("train")
-               if not is_committed(column_shard_path(root, column, s.name))]
-    if missing:
-        raise FormatError(f"column '{column}' has no committed shard for {missing[0]}"
-                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-                          f"{column_shard_path(root, column, missing[0])} (or its .stats.json) is "
-                          "missing; run the annotator for it (config key 'train.column')")
 
 
 class Trainer:
@@ -131,7 +120,7 @@ class Trainer:
         self.K = manifest.num_classes
         self.source = ShardSource(root, cfg.data.shard_url)
         if not cfg.data.shard_url:
-            check_column(root, cfg.train.column, manifest)
+            require_column_shards(root, cfg.train.column, [s.name for s in manifest.shards("train")])
         self.transform = image_transform(cfg, self.source, manifest)
         self.image_shape = self.transform.shape
         d, W = cfg.data, coll.world_size

@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as wds_shuffle
 
 from coreg_dist.data.transform import ImageDecodeError, ImageTransform
-from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR, IMAGE_EXTS
-from coreg_dist.shards.reader import ShardReadError, decode_field, iter_tar_spans, read_spans
+from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR
+from coreg_dist.shards.reader import ShardReadError, decode_field, image_field, iter_tar_spans, read_spans
 from coreg_dist.state import FieldSpec, ShardState, StateStore
 
 ErrorEvent = Tuple[str, str, str, str, str]      # kind, shard, key, source path, message
@@ -165,7 +165,7 @@ def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes], 
             row: int, errors: List[ErrorEvent]) -> Optional[Dict]:
     """A raw sample from its image fields and candidate bytes; None (reported) if unusable."""
     src = _source_of(fields)
-    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    ext = image_field(fields)
     if ext is None:
         errors.append(("missing_image", shard, key, src, f"no image field among {sorted(fields)}"))
         return None
@@ -216,7 +216,7 @@ def join_shard(ctx: StreamContext, shard: str, errors: List[ErrorEvent],
         for key, fields, start, end in iter_tar_spans(url):
             row = -1
             if state is not None:
-                row = int(state.rows([key])[0])
+                row = state.row(key)
                 if row < 0 or (want is not None and not want(state, row)):
                     continue
             label = None

@@ -74,6 +74,17 @@ def is_committed(tar_path: str) -> bool:
     return os.path.isfile(tar_path) and os.path.isfile(stats_path(tar_path))
 
 
+def require_column_shards(root: str, column: str, shards) -> None:
+    """Every shard named needs a committed shard of the column; the error names the first
+    missing one and how many more there are."""
+    missing = [s for s in shards if not is_committed(column_shard_path(root, column, s))]
+    if missing:
+        raise FormatError(f"column '{column}' has no committed shard for {missing[0]}"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                          f"{column_shard_path(root, column, missing[0])} (or its .stats.json) is "
+                          "missing; run the annotator for it")
+
+
 @dataclass
 class ShardEntry:
     name: str

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from coreg_dist.shards.tario import TarDamage, iter_members
 from coreg_dist.shards.format import (IMAGE_EXTS, FormatError, Manifest, column_shard_path,
-                                      image_shard_path, is_committed, read_manifest)
+                                      image_shard_path, read_manifest, require_column_shards)
+from coreg_dist.shards.tario import TarDamage, iter_members
 
 
 class KeyMismatchError(FormatError):
@@ -228,13 +228,9 @@ def iter_joined(root: str, split: str, columns: Sequence[str] = (), *,
     names = list(shards) if shards is not None else [s.name for s in manifest.shards(split)]
     for shard in names:
         img_path = image_shard_path(root, shard)
-        col_paths = {}
         for col in columns:
-            p = column_shard_path(root, col, shard)
-            if not is_committed(p):
-                raise FormatError(f"column '{col}' has no committed shard for {shard}: {p} "
-                                  "(or its .stats.json) is missing; run the annotator for it")
-            col_paths[col] = p
+            require_column_shards(root, col, [shard])
+        col_paths = {col: column_shard_path(root, col, shard) for col in columns}
         yield from _join_shard(shard, img_path, col_paths, errors, decode_images)
 
 
