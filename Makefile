@@ -9,7 +9,8 @@ FMNIST_DIR = /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-data demo demo-pce demo-2proc test test-all bench bench-stream clean-demo
+.PHONY: setup setup-data demo demo-pce demo-2proc demo-deepspeed demo-accelerate kill-drill slurm-up \
+        test test-all bench bench-stream bench-backends clean-demo
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -42,9 +43,36 @@ demo-pce: setup setup-data
 demo-2proc: setup setup-data
 	HF_HUB_OFFLINE=1 torchrun --nproc_per_node=2 -m train.cli --config $(CONFIG) run.out_dir=runs/demo-2proc
 
+# The same on the other launch paths (CPU: 2 processes, gloo). See README "Launching".
+demo-deepspeed: setup setup-data
+	HF_HUB_OFFLINE=1 deepspeed --num_gpus 2 --module train.cli --config $(CONFIG) \
+	  dist.engine=deepspeed dist.deepspeed_config=configs/deepspeed/zero2-fp32.json run.out_dir=runs/demo-deepspeed
+
+demo-accelerate: setup setup-data
+	HF_HUB_OFFLINE=1 accelerate launch --config_file configs/accelerate/cpu-2proc.yaml -m train.cli \
+	  --config $(CONFIG) run.out_dir=runs/demo-accelerate
+
+# Kill-anywhere drill on a short run: 5 SIGKILLs, resume each time, compare with an untouched run.
+kill-drill: setup setup-data
+	HF_HUB_OFFLINE=1 $(PYTHON) -m train.kill_drill --config $(CONFIG) --kills 5 --nproc 2 \
+	  --workdir runs/kill-drill train.max_train_samples=2000 train.epochs=3 coreg.warm_up=1 \
+	  coreg.feature_start=0 train.resume=latest
+
+# A real single-node SLURM on this machine (Debian packages; see slurm/README.md).
+slurm-up:
+	bash slurm/local-cluster.sh start
+
 # Benchmarks print what they measured and on what (not run by the tests).
 bench: setup
 	$(PYTHON) bench/train_step.py --threads 2
 
 bench-stream: setup
 	$(PYTHON) bench/stream_bench.py
+
+# The backend axis of the streaming benchmark: DDP, DeepSpeed ZeRO-0/1/2/3 and accelerate, 2 CPU
+# processes each on the N=2000 pool, 3 epochs, the fastest of 3 runs each (about 7 minutes on a
+# quiet 2-core machine; REPEATS=1 for one run each).
+REPEATS ?= 3
+bench-backends: setup
+	$(PYTHON) bench/stream_bench.py --backends-only --backends ddp,zero0,zero1,zero2,zero3,accelerate \
+	  --repeats $(REPEATS)

@@ -23,7 +23,13 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # Launch paths beyond torchrun (coreg_dist/engines/): dist.engine=deepspeed, accelerate launch.
+        "deepspeed": ["deepspeed>=0.16,<0.20"],
+        "accelerate": ["accelerate>=1.0,<2"],
+        # The tests run every launch path.
+        "test": ["pytest>=7", "deepspeed>=0.16,<0.20", "accelerate>=1.0,<2"],
+    },
     entry_points={"console_scripts": [
         "coreg-data=coreg_dist.data_cli:main",
         "coreg-annotate=annotate.cli:main",

@@ -19,7 +19,7 @@ import torch
 from coreg_dist.config import load_config
 from coreg_dist.data.stream import PassSpec, Route
 from coreg_dist.dist import Collectives
-from coreg_dist.engine import build_engine
+from coreg_dist.engines import build_engine
 from coreg_dist.methods.base import Batch, BatchPart, DataInfo, PassRng, build_method
 
 

@@ -159,9 +159,15 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """Multi-process runs (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing to set for one process)."""
+    """Multi-process runs (torchrun, deepspeed, accelerate launch and srun wrappers set RANK /
+    WORLD_SIZE / LOCAL_RANK; nothing to set for one process)."""
     backend: str = "auto"             # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: int = 600              # a collective that waits longer than this fails the run
+                                      # (a dead rank makes the others exit after at most this)
+    engine: str = "auto"              # auto (local / ddp; accelerate under `accelerate launch`)
+                                      # | local | ddp | deepspeed | accelerate
+    deepspeed_config: str = "auto"    # JSON for dist.engine=deepspeed (configs/deepspeed/);
+                                      # auto: zero2-bf16 on CUDA, zero2-fp32 on CPU
 
 
 @dataclass

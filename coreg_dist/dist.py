@@ -217,6 +217,24 @@ def init_distributed(cfg, device: str) -> Tuple[Collectives, str]:
     return Collectives(tdist.get_rank(), tdist.get_world_size(), local, comm), device
 
 
+def collective_failure(exc: BaseException, cfg) -> "str | None":
+    """A clear message when exc is a collective that failed because a peer died or timed out
+    (gloo: connection closed / reset / timeout; NCCL: watchdog, remote error); None otherwise."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    signs = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+             "timed out", "timeout", "Timeout", "NCCL", "DistBackendError", "DistNetworkError",
+             "ProcessGroup", "gloo", "Socket")
+    if not (isinstance(exc, getattr(tdist, "DistError", ())) or any(s in text for s in signs)):
+        return None
+    first = text.splitlines()[0][:300]
+    return (f"error: rank {tdist.get_rank()} of {tdist.get_world_size()}: a collective failed ({first}). "
+            f"Another rank has most likely died (killed, out of memory) or stopped answering within "
+            f"dist.timeout_s={cfg.dist.timeout_s}s; see its log. The newest complete checkpoint is "
+            f"intact: rerun with --resume latest.")
+
+
 def shutdown_distributed() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()

@@ -47,7 +47,8 @@ def setup_process(cfg: Config) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.run.threads:
         # run.threads is for the whole machine: ranks that torchrun starts on it share them.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # (torchrun and accelerate set LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, cfg.run.threads // max(1, local)))
     # Subnormal floats make small CPU models crawl (measured: 30-80 img/s instead of thousands
     # for the embedded CLIP); flushing them to zero changes no result we can measure.

@@ -25,3 +25,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo's data stages (Fashion-MNIST ingest, the embedded annotator, its column) on a
+    4,000-image training pool."""
+    if not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.skip("needs Debian's dataset-fashion-mnist (make setup-data)")
+    from annotate.cli import annotate_clip, build_embedded
+    from coreg_dist.config import load_config
+    from coreg_dist.data.ingest import ingest
+
+    from tests.helpers import demo_overrides
+
+    base = tmp_path_factory.mktemp("demo")
+    overrides = demo_overrides(str(base))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config([os.path.join(root, "configs", "demo.yaml")], overrides)
+    ingest(cfg)
+    build_embedded(cfg, "cpu")
+    annotate_clip(cfg, "cpu")
+    return str(base)

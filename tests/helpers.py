@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from coreg_dist.shards.format import (Manifest, ShardEntry, image_shard_path, shard_name,
@@ -73,3 +77,67 @@ def corrupt_images(root: str, shard: str, rows=None) -> None:
             if rows is None or i in rows:
                 fields = dict(fields, png=b"\x89PNG\r\n\x1a\n not an image")
             w.write(key, fields)
+
+
+# ---------------------------------------------------------------------- running the trainer
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def common(root, out, *extra):
+    """Overrides for a seconds-long Co-Reg run on a make_labeled_dataset root."""
+    return [f"data.root={root}", f"run.out_dir={out}", "train.column=synthetic", "train.epochs=3",
+            "train.batch_size=8", "train.eval_batch_size=16", "coreg.warm_up=1",
+            "coreg.feature_start=0", "coreg.queue_size=32", "coreg.rampup_epochs=2",
+            "train.lr_period=0", "data.streams=2", "data.shuffle_buffer=8", *extra]
+
+
+def launch(cmd, expect=0, timeout=300, env=None):
+    """Run a launcher command line from the repository root. expect: an exit status, or
+    "killed" (stopped by train.stop_after_steps)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    ok = (r.returncode != 0 and "train.stop_after_steps" in r.stderr) if expect == "killed" \
+        else r.returncode == expect
+    if not ok:
+        raise AssertionError(f"{' '.join(cmd[:6])} ... exited {r.returncode} (expected {expect}):\n"
+                             f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def torchrun(n, args, expect=0):
+    """coreg-train on n ranks (torchrun --standalone, gloo)."""
+    return launch([*TORCHRUN, f"--nproc_per_node={n}", "-m", "train.cli", *args, "run.threads=2"], expect)
+
+
+def latest(run_dir):
+    base = os.path.join(run_dir, "checkpoints")
+    return os.path.join(base, open(os.path.join(base, "latest")).read().strip())
+
+
+def model(run_dir):
+    return torch.load(os.path.join(latest(run_dir), "model.pt"), weights_only=True)["method"]
+
+
+def state_by_key(run_dir, field):
+    meta = json.load(open(os.path.join(latest(run_dir), "meta.json")))
+    folder = os.path.join(run_dir, "state", f"v{meta['state_version']:05d}")
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".npz"):
+            z = np.load(os.path.join(folder, f))
+            out.update(zip(z["__keys__"].tolist(), z[field].tolist()))
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+
+def demo_overrides(base, *extra):
+    """configs/demo.yaml on the demo_data fixture's folders: 4,000 images, warm-up then one
+    Co-Reg epoch."""
+    return [f"data.root={base}/data", f"embedded.out_dir={base}/embedded", f"annotator.model={base}/embedded",
+            "train.max_train_samples=4000", "train.epochs=2", "coreg.warm_up=1", "coreg.feature_start=0",
+            *extra]

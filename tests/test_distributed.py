@@ -12,59 +12,16 @@ import torch
 from coreg_dist.shards.format import column_shard_path, image_shard_path
 from coreg_dist.shards.reader import iter_tar
 from coreg_dist.shards.writer import ShardWriter
-from tests.helpers import corrupt_images, make_labeled_dataset
+from tests.helpers import (common, corrupt_images, latest, make_labeled_dataset, metrics, model,
+                           state_by_key, torchrun)
 from train.cli import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def common(root, out, *extra):
-    return [f"data.root={root}", f"run.out_dir={out}", "train.column=synthetic", "train.epochs=3",
-            "train.batch_size=8", "train.eval_batch_size=16", "coreg.warm_up=1",
-            "coreg.feature_start=0", "coreg.queue_size=32", "coreg.rampup_epochs=2",
-            "train.lr_period=0", "data.streams=2", "data.shuffle_buffer=8", *extra]
-
-
-def torchrun(n, args, expect=0):
-    """Run coreg-train on n ranks; expect=0: success; "killed": stopped by train.stop_after_steps."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={n}", "-m", "train.cli", *args, "run.threads=2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    ok = r.returncode == 0 if expect == 0 else (r.returncode != 0 and "train.stop_after_steps" in r.stderr)
-    if not ok:
-        raise AssertionError(f"torchrun exited {r.returncode} (expected {expect}):\n{r.stdout[-3000:]}\n"
-                             f"{r.stderr[-5000:]}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_labeled_dataset(str(tmp_path_factory.mktemp("ds")), n_train=64, n_test=24)
-
-
-def latest(run_dir):
-    base = os.path.join(run_dir, "checkpoints")
-    return os.path.join(base, open(os.path.join(base, "latest")).read().strip())
-
-
-def model(run_dir):
-    return torch.load(os.path.join(latest(run_dir), "model.pt"), weights_only=True)["method"]
-
-
-def state_by_key(run_dir, field):
-    meta = json.load(open(os.path.join(latest(run_dir), "meta.json")))
-    folder = os.path.join(run_dir, "state", f"v{meta['state_version']:05d}")
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".npz"):
-            z = np.load(os.path.join(folder, f))
-            out.update(zip(z["__keys__"].tolist(), z[field].tolist()))
-    return out
-
-
-def metrics(run_dir):
-    return [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 def test_two_ranks_train_as_one_process(dataset, tmp_path):

@@ -5,6 +5,8 @@
                                                      world size, streams, state version (JSON)
     RUN/checkpoints/e0003-p01-s000120/model.pt       networks, key encoders, queues, prototypes,
                                                      optimizers (rank 0's; every rank holds the same)
+    RUN/checkpoints/e0003-p01-s000120/engine0/       an engine's own state where it has one
+                                                     (DeepSpeed: every rank's ZeRO partition)
     RUN/checkpoints/e0003-p01-s000120/rank_00001.pt  each rank's own part: its streams' positions
                                                      (shard order, samples taken), RNG states,
                                                      the epoch's running sums, its error log
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,8 +76,9 @@ def _save(obj, path: str) -> None:
 
 
 def save_checkpoint(run_dir: str, coll, meta: Dict, model_state: Dict, rank_state: Dict,
-                    keep: int = 2) -> str:
-    """Collective: every rank calls it at the same step."""
+                    keep: int = 2, collective: Optional[Callable[[str], None]] = None) -> str:
+    """Collective: every rank calls it at the same step. `collective(folder)` runs on every
+    rank before the commit (the engines' own sharded state, e.g. DeepSpeed's)."""
     base = checkpoint_dir(run_dir)
     name = checkpoint_name(meta["epoch"], meta["pass_index"], meta["step"])
     final, tmp = os.path.join(base, name), os.path.join(base, f".{name}.tmp")
@@ -84,6 +87,8 @@ def save_checkpoint(run_dir: str, coll, meta: Dict, model_state: Dict, rank_stat
         os.makedirs(tmp)
     coll.barrier()
     _save(rank_state, os.path.join(tmp, rank_file(coll.rank)))
+    if collective is not None:
+        collective(tmp)
     coll.barrier()
     if coll.is_main:
         _save(model_state, os.path.join(tmp, MODEL))
@@ -169,3 +174,16 @@ def load_checkpoint(path: str, rank: int, device: str = "cpu") -> Tuple[Dict, Di
             raise FileNotFoundError(f"{path}: no part for rank {rank} ({rf})")
         rank_state = torch.load(rf, map_location="cpu", weights_only=True)
     return meta, model, rank_state
+
+
+def check_engine(path: str, meta: Dict, engine, world_size: int) -> None:
+    """Engines of one state format (local, DDP, accelerate: a torch optimizer's state) resume
+    each other's checkpoints; DeepSpeed's partitioned state needs DeepSpeed on as many ranks."""
+    fmt, name = meta.get("engine_format", "torch"), meta.get("engine", "local")
+    if fmt != engine.state_format:
+        raise ValueError(f"{path} was written by the {name} engine; this run uses {engine.name}, whose "
+                         f"optimizer state is kept differently: resume with dist.engine={name}, or resume "
+                         "into a new run.out_dir from scratch")
+    if fmt == "deepspeed" and meta["world_size"] != world_size:
+        raise ValueError(f"{path} holds DeepSpeed ZeRO partitions of {meta['world_size']} rank(s); this "
+                         f"run has {world_size}: resume on {meta['world_size']} rank(s)")

@@ -29,19 +29,20 @@ from coreg_dist.data.stream import (PassSpec, ShardSource, StreamContext, Stream
                                     iterate_sweep, plan_streams, rank_streams, sweep_shards)
 from coreg_dist.data.transform import ImageTransform, channels_for_mode, probe_image
 from coreg_dist.dist import init_distributed
-from coreg_dist.engine import build_engine
+from coreg_dist.engines import build_engine, full_parameters, uneven_forwards
 from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
 from coreg_dist.progress import progress
 from coreg_dist.shards.format import (FormatError, Manifest, read_column_info, read_manifest,
                                       require_column_shards)
 from coreg_dist.shards.reader import ErrorLog, image_field, iter_tar
 from coreg_dist.state import StateStore
-from train.checkpoint import (check_resumable, find_checkpoint, kept_state_versions,
+from train.checkpoint import (check_engine, check_resumable, find_checkpoint, kept_state_versions,
                               load_checkpoint, rng_state, save_checkpoint, saved_error_logs,
                               set_rng_state)
 from train.epoch_context import EpochContext, report_events, to_device_part
 from train.membership import TRAINER_FIELDS, build_initial_state
 from train.metrics_log import MetricsLogger, to_jsonable
+from train.preemption import Preempted, StopRequest
 from train.report import format_gain, write_report
 
 
@@ -82,6 +83,7 @@ class Trainer:
         self._warned: set = set()
         self.global_step = 0
         self.t_start = time.time()
+        self.stop = StopRequest()
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -167,9 +169,12 @@ class Trainer:
         check_resumable(path, meta, self.coll.world_size, self.n_streams)
         if meta["method"] != self.method.name:
             raise ValueError(f"{path} is a checkpoint of method '{meta['method']}', not '{self.method.name}'")
-        self.method.load_state_dict(model["method"])
-        for e, s in zip(self.engines, model["engines"]):
+        check_engine(path, meta, self.engines[0], self.coll.world_size)
+        with full_parameters(self.engines, modify=True):
+            self.method.load_state_dict(model["method"])
+        for k, (e, s) in enumerate(zip(self.engines, model["engines"])):
             e.load_state_dict(s)
+            e.load_collective(os.path.join(path, f"engine{k}"))
         self.version = int(meta["state_version"])
         self.index = self.store.read_index(self.version)
         self.global_step = int(meta["global_step"])
@@ -275,17 +280,26 @@ class Trainer:
                                 **{k.split("/")[-1]: f"{v:.3f}" for k, v in out.logs.items()
                                    if k.startswith("loss/")})
             every = cfg.train.checkpoint_every
-            if every and self.global_step % every == 0:
+            due = bool(every) and self.global_step % every == 0
+            signum = self.stop.agreed(self.coll)
+            if due or signum:
                 self._checkpoint(epoch, pi, data.step + 1, True, acc,
                                  {"streams": {str(p.stream): {"shards": [list(x) for x in p.shards],
                                                               "taken": taken[p.stream]} for p in plans},
                                   "pass_rng": rng.state_dict()})
+            if signum:
+                bar.close()
+                self._preempted(signum, f"epoch {epoch}, pass {pi}, step {data.step + 1}")
             if cfg.train.stop_after_steps and self.global_step >= cfg.train.stop_after_steps:
                 bar.close()
                 raise RunKilled(f"stopped after {self.global_step} steps (train.stop_after_steps)")
         bar.close()
         if keys_log is not None:
             keys_log.close()
+
+    def _preempted(self, signum: int, where: str) -> None:
+        raise Preempted(f"{StopRequest.name(signum)} received: checkpoint written at {where} "
+                        f"({self.run_dir}/checkpoints/latest)")
 
     def _keys_log(self):
         if not self.cfg.train.log_keys:
@@ -299,11 +313,15 @@ class Trainer:
         """Test accuracy of each network and of the ensemble; the confusion matrix (C <= 256)."""
         for e in self.engines:
             e.sync_buffers()
+        ctx = replace(self.stream_ctx, column="", state_version=-1)
+        with uneven_forwards(self.engines):
+            return self._evaluate(ctx)
+
+    def _evaluate(self, ctx) -> Dict:
         K = self.K
         confusion = np.zeros((K, K), dtype=np.int64) if K <= 256 else None
         correct: Dict[str, int] = {}
         n = 0
-        ctx = replace(self.stream_ctx, column="", state_version=-1)
         for b in iterate_sweep(ctx, self.test_sweep, self.cfg.train.eval_batch_size,
                                image_shape=self.image_shape, need_label=True,
                                num_workers=self.cfg.data.num_workers, prefetch=self.cfg.data.prefetch):
@@ -340,13 +358,22 @@ class Trainer:
         meta = {"epoch": epoch, "pass_index": pi, "step": step, "mid_epoch": mid_epoch,
                 "global_step": self.global_step, "method": self.method.name,
                 "world_size": self.coll.world_size, "streams": self.n_streams,
+                "engine": self.engines[0].name, "engine_format": self.engines[0].state_format,
                 "state_version": self.version, "config": to_jsonable(to_dict(self.cfg)),
                 "epoch_record": to_jsonable(acc.get("record", {}))}
-        model = {"method": self.method.state_dict(), "engines": [e.state_dict() for e in self.engines]}
+        with full_parameters(self.engines):
+            model = {"method": self.method.state_dict(), "engines": [e.state_dict() for e in self.engines]}
         rank_state = {"rng": rng_state(), "errors": self.errors.state_dict(),
                       "buffers": self.method.rank_buffers(),
                       "acc": {k: v for k, v in acc.items() if k != "record"}, **(rank_extra or {})}
-        save_checkpoint(self.run_dir, self.coll, meta, model, rank_state, keep=self.cfg.train.keep_checkpoints)
+        engines = self.engines
+
+        def engine_parts(folder: str) -> None:
+            for k, e in enumerate(engines):
+                e.save_collective(os.path.join(folder, f"engine{k}"))
+
+        save_checkpoint(self.run_dir, self.coll, meta, model, rank_state,
+                        keep=self.cfg.train.keep_checkpoints, collective=engine_parts)
         if self.main:
             self.store.prune(kept_state_versions(self.run_dir) | {self.version})
         self.coll.barrier()
@@ -372,7 +399,8 @@ class Trainer:
             if resume is None:
                 for e in self.engines:
                     e.sync_buffers()
-                record = {"epoch": epoch, **self.method.begin_epoch(epoch, ectx)}
+                with uneven_forwards(self.engines):      # sweeps: ranks forward different counts
+                    record = {"epoch": epoch, **self.method.begin_epoch(epoch, ectx)}
                 self.version, self.index = ectx.version, ectx.index
                 acc = {"sums": {}, "counts": {}, "steps": 0, "samples": 0, "compute_s": 0.0,
                        "wait_s": ectx.data_wait_s, "divide_s": time.time() - t0}
@@ -395,6 +423,9 @@ class Trainer:
             if log is not None:
                 log.log_epoch(record)
             self._checkpoint(epoch + 1, 0, 0, False, {})   # named by where the run continues
+            signum = self.stop.agreed(coll)
+            if signum and epoch + 1 < cfg.train.epochs:
+                self._preempted(signum, f"the end of epoch {epoch}")
             accs = "  ".join(f"{k}={v:.2%}" for k, v in result["acc"].items())
             sizes = "  ".join(f"|P{k}|={record[f'n_p_net{k}']}" for k in (1, 2) if f"n_p_net{k}" in record)
             self.log(f"epoch {epoch}: {accs}  {sizes}  {record['samples_per_s']:.0f} samples/s per rank, "
@@ -427,7 +458,8 @@ class Trainer:
 
     def _finish(self, result: Dict, log, samples_per_s: float, wait_fraction: float) -> Dict:
         coll = self.coll
-        in_sync = coll.parameters_in_sync(self.method.networks())
+        with full_parameters(self.engines):
+            in_sync = coll.parameters_in_sync(self.method.networks())
         errors = ErrorLog.combine(coll.all_gather_object(self.errors.state_dict()))
         if not self.main:
             coll.barrier()            # leave together: rank 0 writes the report first
@@ -483,9 +515,11 @@ def build_report(cfg, manifest, result, method, seconds, device, config_file, er
 
 def train(cfg: Config, device: str) -> Dict:
     trainer = Trainer(cfg, device)
+    stop = trainer.stop.install()
     try:
         return trainer.run()
     finally:
+        stop.restore()
         # Drop the DDP wrappers (they hold the process group) before anyone destroys the group:
         # a gloo group torn down at interpreter exit can abort the process.
         trainer.__dict__.clear()

@@ -173,16 +173,18 @@ class CoReg(Method):
 
     @torch.no_grad()
     def _copy_to_key(self, k: int) -> None:
-        for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
-            pk.copy_(pq)
+        with self.engines[k].full_parameters():       # whole on every rank, even under ZeRO-3
+            for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
+                pk.copy_(pq)
         for bk, bq in zip(self.keys[k].buffers(), self.nets[k].buffers()):
             bk.copy_(bq)
 
     @torch.no_grad()
     def _ema_key(self, k: int) -> None:
         m = self.c.moco_momentum
-        for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        with self.engines[k].full_parameters():
+            for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
+                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
         for bk, bq in zip(self.keys[k].buffers(), self.nets[k].buffers()):
             bk.copy_(bq)
 
