@@ -238,3 +238,25 @@ def test_shard_names_that_could_reach_a_shell_are_refused(dataset, tmp_path):
     json.dump(man, open(os.path.join(root, "manifest.json"), "w"))
     with pytest.raises(FormatError, match="shard name"):
         read_manifest(root)
+
+
+def test_divide_per_class_normalises_within_each_pseudo_class(dataset, tmp_path):
+    """coreg.divide_per_class: the division loss entering the GMM is min-max normalised within
+    each pseudo-class (masked argmax), so every class spans [0, 1]; U's co-guesses may be kept
+    inside the candidate sets (coreg.u_in_candidates)."""
+    out = str(tmp_path / "pc")
+    train(cfg_for(dataset, out, "coreg.divide_per_class=true", "coreg.u_in_candidates=true",
+                  "train.epochs=2", "coreg.warm_up=1"), "cpu")
+    meta = json.load(open(os.path.join(latest(out), "meta.json")))
+    folder = os.path.join(out, "state", f"v{meta['state_version']:05d}")
+    z = [np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".npz")]
+    for k in range(2):
+        norm = np.concatenate([a[f"hist{k}"][:, 0] for a in z])      # the first co-divide epoch
+        cls = np.concatenate([a[f"plab{k}"] for a in z])
+        loss = np.concatenate([a[f"loss{k}"] for a in z])
+        assert (cls >= 0).all()
+        for c in np.unique(cls):
+            m = cls == c
+            if m.sum() >= 2 and np.ptp(loss[m]) > 1e-6:
+                assert norm[m].min() == pytest.approx(0.0, abs=1e-6)
+                assert norm[m].max() == pytest.approx(1.0, abs=1e-5)
