@@ -106,10 +106,9 @@ class ShardState:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"per-sample state missing: {path}")
         with np.load(path, allow_pickle=False) as z:
-            missing = [n for n in fields if n not in z.files]
-            if missing:
-                raise ValueError(f"{path}: field '{missing[0]}' missing (fields: {sorted(z.files)})")
-            arrays = {n: z[n] for n in fields}
+            # A field the file lacks (added to the method after this state was written: a run
+            # resumed by a newer version) starts at its fill value, as in a new state.
+            arrays = {n: z[n] for n in fields if n in z.files}
             return cls(shard or os.path.basename(path)[:-4], z["__keys__"], z["__ncand__"],
                        fields, arrays)
 

@@ -51,11 +51,16 @@ def test_store_versions_roundtrip_and_commit(tmp_path):
         store.read_index(1)
 
 
-def test_missing_field_and_file_are_named(tmp_path):
+def test_field_added_later_starts_at_its_fill_and_missing_file_is_named(tmp_path):
+    """State written before a method gained a field (a run resumed by a newer version) reads
+    back with that field at its fill value."""
     store = StateStore(str(tmp_path), {"w": FIELDS["w"]})
-    store.write(0, ShardState("s", ["a"], [1], {"w": FIELDS["w"]}))
-    with pytest.raises(ValueError, match="field 'hist' missing"):
-        StateStore(str(tmp_path), FIELDS).read(0, "s")
+    st = ShardState("s", ["a"], [1], {"w": FIELDS["w"]})
+    st.arrays["w"][:] = 0.25
+    store.write(0, st)
+    back = StateStore(str(tmp_path), FIELDS).read(0, "s")
+    assert back.arrays["w"].tolist() == [0.25]
+    assert back.arrays["hist"].shape == (1, 2) and np.isnan(back.arrays["hist"]).all()
     with pytest.raises(FileNotFoundError, match="nope"):
         store.read(0, "nope")
 
