@@ -10,7 +10,7 @@ CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-data demo demo-pce demo-2proc demo-deepspeed demo-accelerate kill-drill slurm-up \
-        test test-all bench bench-stream bench-backends clean-demo
+        test test-all bench bench-stream bench-backends grid clean-demo
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -76,3 +76,11 @@ REPEATS ?= 3
 bench-backends: setup
 	$(PYTHON) bench/stream_bench.py --backends-only --backends ddp,zero0,zero1,zero2,zero3,accelerate \
 	  --repeats $(REPEATS)
+
+# The robustness grid (cells x methods x seeds; configs/grids/robustness.yaml, about 100 min
+# on a quiet 2-core machine) after `make demo` made the data: runs/grid/robustness/results.md,
+# results.json, curves.png, bars.png. Reruns skip finished runs. GRID_ARGS="--dry-run" shows the plan.
+GRID ?= configs/grids/robustness.yaml
+GRID_ARGS ?=
+grid: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) bench/grid.py --grid $(GRID) $(GRID_ARGS)
