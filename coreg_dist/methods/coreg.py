@@ -240,6 +240,9 @@ class CoReg(Method):
             sums, n = self.coll.sum(sums), self.coll.sum(n)
             mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
                     for k in range(2)]
+        # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
+        # sweeping: no second pass over the state files.
+        cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
         for item in ctx.sweep(tag=100):          # the same generators: the same weak views
             part, values = item.part, {}
             if len(part):
@@ -255,7 +258,12 @@ class CoReg(Method):
                     values[f"pred{k}"] = masked[Y > 0]            # per candidate, in class order
                     values[f"loss{k}"] = division_loss(p, Y)
                     values[f"plab{k}"] = masked.argmax(1).to(torch.int32)
-                    hit = (masked.argmax(1) == part.true).to(torch.int8)
+                    if c.divide_per_class:
+                        cls, loss = values[f"plab{k}"].cpu().numpy(), values[f"loss{k}"].cpu().numpy()
+                        ok = np.isfinite(loss)
+                        np.minimum.at(cls_lo[k], cls[ok], loss[ok])
+                        np.maximum.at(cls_hi[k], cls[ok], loss[ok])
+                    hit = (values[f"plab{k}"] == part.true).to(torch.int8)
                     values[f"hit{k}"] = torch.where(known, hit, torch.full_like(hit, -1))
             update.put(item.shard, part.keys, {n: v.cpu().numpy() for n, v in values.items()})
             if item.last:
@@ -265,7 +273,7 @@ class CoReg(Method):
         if c.co_divide:
             self.history_len += 1
             for k in range(2):
-                metrics.update(self._divide(k, update))
+                metrics.update(self._divide(k, update, (cls_lo[k], cls_hi[k])))
         else:
             update.map(lambda st: [st.arrays[f"w{k}"].fill(1.0) for k in range(2)])
         thr = c.p_threshold
@@ -273,10 +281,10 @@ class CoReg(Method):
         metrics.update(self._split_metrics(totals))
         return metrics
 
-    def _divide(self, k: int, update) -> Dict:
+    def _divide(self, k: int, update, class_range) -> Dict:
         c = self.c
-        if c.divide_per_class:
-            lo, hi = self._class_ranges(k, update)
+        if c.divide_per_class:        # [C] each over every rank
+            lo, hi = self.coll.min(class_range[0]), self.coll.max(class_range[1])
         else:
             lo, hi = update.local_range(f"loss{k}")
             lo, hi = self.coll.min(lo), self.coll.max(hi)     # global min / max
@@ -314,19 +322,6 @@ class CoReg(Method):
                 f"gmm_weights_net{k + 1}": [float(w) for w in gmm.weights],
                 f"gmm_vars_net{k + 1}": [float(v) for v in gmm.variances],
                 f"gmm_iter_net{k + 1}": int(info["n_iter"])}
-
-    def _class_ranges(self, k: int, update):
-        """Per pseudo-class min and max of the division loss over every rank ([C] each)."""
-        K = self.info.num_classes
-        lo, hi = np.full(K, np.inf), np.full(K, -np.inf)
-
-        def scan(st):
-            loss, cls = st.arrays[f"loss{k}"], st.arrays[f"plab{k}"]
-            ok = (cls >= 0) & np.isfinite(loss)
-            np.minimum.at(lo, cls[ok], loss[ok])
-            np.maximum.at(hi, cls[ok], loss[ok])
-        update.map(scan)
-        return self.coll.min(lo), self.coll.max(hi)
 
     @staticmethod
     def _shard_counts(st, thr: float) -> Dict[str, int]:
