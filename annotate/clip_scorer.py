@@ -15,6 +15,7 @@ processor (resize, crop, normalisation), so a real checkpoint's pipeline is hono
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -23,6 +24,12 @@ import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
+
+
+# Small files of a local checkpoint that change what it computes besides the weights.
+CHECKPOINT_FILES = ("config.json", "preprocessor_config.json", "processor_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json")
 
 
 class ClipLoadError(OSError):
@@ -91,6 +98,32 @@ def weights_sha256(folder: str) -> Optional[str]:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_files_sha256(folder: str) -> Optional[str]:
+    """sha256 over the config, tokenizer and processor files of a local checkpoint (names +
+    bytes, sorted); None when there are none."""
+    names = sorted(n for n in CHECKPOINT_FILES if os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        return None
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode() + b"\0")
+        with open(os.path.join(folder, n), "rb") as f:
+            h.update(f.read())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _preprocessing_sha256(image_processor) -> Optional[str]:
+    """sha256 of the image processor's settings (resize, crop, mean/std, resample, ...)."""
+    try:
+        d = image_processor.to_dict()
+    except Exception:  # noqa: BLE001 - a processor without to_dict: not hashed
+        return None
+    d = {k: v for k, v in d.items() if not k.startswith("_") and k != "processor_class"}
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class ClipScorer:
@@ -212,13 +245,15 @@ class ClipScorer:
             "num_classes": self.num_classes,
             "logit_scale": self.logit_scale,
             "revision": getattr(cfg, "_commit_hash", None),
+            "preprocessing_sha256": _preprocessing_sha256(self.image_processor),
         }
         if self.local_dir:
             prov["path"] = os.path.abspath(self.local_dir)
             if self._weights_hash is None:
                 self._weights_hash = weights_sha256(self.local_dir)
             prov["weights_sha256"] = self._weights_hash
+            prov["checkpoint_files_sha256"] = checkpoint_files_sha256(self.local_dir)
         return prov
 
 
-__all__ = ["ClipScorer", "ClipLoadError", "weights_sha256"]
+__all__ = ["ClipScorer", "ClipLoadError", "checkpoint_files_sha256", "weights_sha256"]

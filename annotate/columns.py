@@ -1,43 +1,66 @@
-"""Write a label column beside the image shards, shard by shard, resumably.
+"""Write a label column beside the image shards, shard by shard, resumably and idempotently.
 
 Every labeler (CLIP templates, the synthetic NPLL generator, later LLaVA through vLLM) plugs
 in here: it turns a batch of images (and, for evaluation only, their true labels) into
 per-sample fields. This module owns what must be the same for all of them: the key order
-(1:1 with the image shard), the skip of committed shards, the per-shard stats marker written
-last, the totals in column.json, and the reporting of damaged input.
+(1:1 with the image shard), the content hash of each shard and the skip / refuse / redo
+decision it drives (annotate/provenance.py), the per-shard stats marker written last, the
+totals in column.json (derived from the markers), and the reporting of damaged input.
+
+A rerun of the same configuration skips every shard whose marker records the same content hash;
+a shard whose hash differs (other model, templates, rule, input shard, ...) is *stale*: the run
+refuses before writing anything, unless `overwrite` (then stale shards are relabeled: marker
+removed first, tar written under a temporary name and renamed, marker written last). Shards
+without a valid marker (never written, interrupted) are written. `redo_errors` relabels the
+error records of done shards and copies every other record unchanged.
 """
 from __future__ import annotations
 
+import glob
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Protocol, Sequence
 
 import numpy as np
 
-from coreg_dist.io import atomic_write_json, read_json
+from coreg_dist.io import atomic_write_json
 from coreg_dist.labels import to_indices
 from coreg_dist.progress import progress
-from coreg_dist.shards.format import (CAND, COLUMN_INFO, FORMAT_VERSION, TOPI, TOPP, VOTES,
-                                      Manifest, column_dir, column_shard_path, image_shard_path,
-                                      is_committed, stats_path)
+from coreg_dist.shards.format import (CAND, FORMAT_VERSION, TOPI, TOPP, VOTES, Manifest,
+                                      column_shard_path, image_shard_path, stats_path)
 from coreg_dist.shards.reader import ErrorLog, ShardReadError, decode_image, image_field, iter_tar
 from coreg_dist.shards.writer import ShardWriter
+
+from annotate.provenance import (DONE, FAILED, PENDING, STALE, ColumnSpec, ShardState,
+                                 StaleColumnError, column_states, merge_sums, refresh_column_info,
+                                 splits_in_scope, stale_message, summarize)
+
+ERR = "err.txt"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class Labeler(Protocol):
     needs_images: bool
+    # Optional attributes (read with getattr):
+    #   input_columns: Sequence[str]  columns this labeler reads per sample (e.g. a VLM prompted
+    #                                 with another column's candidates); their shards' content
+    #                                 hashes enter this column's hash
+    #   batch_dependent: bool         the output depends on how samples are batched (synthetic:
+    #                                 seeded per batch); the batch size enters the hash
 
     def label(self, images: Optional[List], true: np.ndarray, keys: List[str]) -> Dict[str, np.ndarray]:
         """Return at least "Y" (B, C) bool; optionally "probs" (B, d, C), "votes" (B, d),
-        "topi"/"topp" (B, d, K). Only Y, votes, topi, topp are stored."""
+        "topi"/"topp" (B, d, K), and "errors": B strings, non-empty for a sample that could not
+        be labeled this time (a server error): it gets an error record, retried by redo_errors.
+        Only Y, votes, topi, topp are stored."""
 
     def provenance(self) -> Dict:
-        ...
+        """Everything about the labeler, recorded in every marker and in column.json."""
 
-
-# Sums that add up across shards (and, later, across array tasks).
-_SUM_KEYS = ("n", "n_labeled", "sum_candidates", "covered", "zero_shot_correct",
-             "template_avg_correct")
+    # Optional: content_provenance() -> Dict, the part of provenance() that determines the
+    # output (hashed). Default: provenance() itself.
 
 
 def _shard_sums(out: Dict[str, np.ndarray], true: np.ndarray, single_template: int) -> Dict:
@@ -56,145 +79,216 @@ def _shard_sums(out: Dict[str, np.ndarray], true: np.ndarray, single_template: i
     return s
 
 
-def summarize(sums: Sequence[Dict]) -> Dict:
-    """Totals over shards -> the annotation statistics (fractions in [0, 1])."""
-    tot = {k: sum(s.get(k, 0) for s in sums) for k in _SUM_KEYS}
-    per_t = [s["per_template_correct"] for s in sums if "per_template_correct" in s]
-    out = {"n_images": tot["n"], "n_labeled": tot["n_labeled"],
-           "avg_candidates": tot["sum_candidates"] / max(tot["n"], 1)}
-    if tot["n_labeled"]:
-        out["coverage"] = tot["covered"] / tot["n_labeled"]
-        out["eta"] = 1.0 - out["coverage"]
-        if per_t:
-            out["zero_shot_acc"] = tot["zero_shot_correct"] / tot["n_labeled"]
-            out["template_avg_acc"] = tot["template_avg_correct"] / tot["n_labeled"]
-            out["per_template_acc"] = (np.sum(per_t, axis=0) / tot["n_labeled"]).round(5).tolist()
-    return out
-
-
 def select_shards(names: Sequence[str], task_index: int, num_tasks: int) -> List[str]:
     """A deterministic share of the shards for one array task: every num_tasks-th."""
-    if not 0 <= task_index < num_tasks:
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} out of range for {num_tasks} tasks")
     return [n for i, n in enumerate(names) if i % num_tasks == task_index]
 
 
 def write_column(root: str, manifest: Manifest, column: str, splits: Sequence[str],
                  labeler: Labeler, *, batch_size: int = 256, single_template: int = 0,
-                 overwrite: bool = False, task_index: int = 0, num_tasks: int = 1,
-                 errors: Optional[ErrorLog] = None) -> Dict:
-    """Label every shard of `splits` (this task's share); returns per-split statistics."""
+                 overwrite: bool = False, redo_errors: bool = False, task_index: int = 0,
+                 num_tasks: int = 1, errors: Optional[ErrorLog] = None) -> Dict:
+    """Label this task's share of the shards of `splits`; returns per-split statistics (summed
+    from every committed marker of the column, not only this task's)."""
     errors = errors or ErrorLog()
-    provenance = labeler.provenance()
-    result = {}
+    spec = ColumnSpec(root, manifest, column, labeler, batch_size=batch_size)
+    scope = splits_in_scope(root, manifest, column, splits)
+    states = column_states(root, manifest, column, scope, spec)
+    stale = [s for split in scope for s in states[split] if s.state == STALE]
+    if stale and not overwrite:
+        raise StaleColumnError(stale_message(column, stale, root))
+    if stale:
+        print(f"{column}: {len(stale)} stale shard(s) (annotator.overwrite=true): this task "
+              "relabels its share of them")
     for split in splits:
         entries = manifest.shards(split)
-        mine = select_shards([e.name for e in entries], task_index, num_tasks)
-        todo = [n for n in mine if overwrite or not is_committed(column_shard_path(root, column, n))]
-        total = sum(e.n for e in entries if e.name in todo)
-        bar = progress(total=total, desc=f"{column} {split}", unit="img")
+        mine = set(select_shards([e.name for e in entries], task_index, num_tasks))
+        todo: List[ShardState] = []
+        skipped = adopted = 0
+        for st in states[split]:
+            if st.name not in mine:
+                continue
+            if st.state == DONE:
+                if redo_errors and st.has_errors:
+                    todo.append(st)
+                    continue
+                if st.legacy:
+                    _adopt_legacy(root, column, spec, st)
+                    adopted += 1
+                skipped += 1
+            else:                          # pending, failed, or stale with overwrite
+                todo.append(st)
+        sizes = {e.name: e.n for e in entries}
         t0, done = time.time(), 0
-        for name in todo:
-            done += _label_shard(root, column, name, labeler, batch_size, single_template,
-                                 provenance, errors, bar)
-        bar.close()
         if todo:
+            bar = progress(total=sum(sizes[s.name] for s in todo), desc=f"{column} {split}", unit="img")
+            for st in todo:
+                done += _label_shard(root, column, st, labeler, spec, batch_size, single_template,
+                                     errors, bar, redo=(st.state == DONE))
+            bar.close()
+        if todo or adopted:
             dt = time.time() - t0
-            print(f"{column} {split}: labeled {done} images in {len(todo)} shards, "
-                  f"{done / max(dt, 1e-9):.0f} img/s ({len(mine) - len(todo)} shards already done)")
-        result[split] = split_stats(root, column, [e.name for e in entries])
-    _write_column_info(root, manifest, column, provenance, result)
-    return result
+            kinds = {k: sum(1 for s in todo if s.state == k) for k in (PENDING, FAILED, STALE, DONE)}
+            what = ", ".join(f"{v} {'with error records' if k == DONE else k}"
+                             for k, v in kinds.items() if v)
+            print(f"{column} {split}: labeled {done} images in {len(todo)} shards ({what}), "
+                  f"{done / max(dt, 1e-9):.0f} img/s; {skipped} shards already done"
+                  + (f" ({adopted} written before provenance hashing: provenance matches, "
+                     "marker upgraded)" if adopted else ""), flush=True)
+    info = refresh_column_info(spec, scope)
+    for split in scope:
+        n_stale = info["splits"][split]["shards_stale"]
+        if n_stale and split not in splits:
+            print(f"warning: column '{column}' split {split} (not requested here) holds {n_stale} "
+                  "stale shard(s); annotate that split too (annotator.splits) or the column stays "
+                  "incomplete", flush=True)
+        elif n_stale:
+            print(f"warning: column '{column}' split {split} still holds {n_stale} stale shard(s) "
+                  "(other tasks of an overwrite not finished yet, or another configuration writing "
+                  "into this column at the same time: check `coreg-annotate status`)", flush=True)
+    return {split: info["splits"][split] for split in splits}
 
 
-def split_stats(root: str, column: str, shard_names: Sequence[str]) -> Dict:
-    sums, missing = [], []
-    for n in shard_names:
-        p = column_shard_path(root, column, n)
-        if is_committed(p):
-            sums.append(read_json(stats_path(p))["sums"])
-        else:
-            missing.append(n)
-    out = summarize(sums)
-    out["shards_done"], out["shards_missing"] = len(sums), len(missing)
-    return out
+def _adopt_legacy(root: str, column: str, spec: ColumnSpec, st: ShardState) -> None:
+    """A marker from before content hashes whose recorded provenance matches: record the hash
+    (the tar is not touched; the marker is replaced atomically)."""
+    marker = dict(st.marker)
+    marker.update({"content_hash": spec.hash(st.name), "content_inputs": spec.inputs(st.name),
+                   "provenance_hash": spec.provenance_hash, "adopted_legacy_marker": True,
+                   "error_records": st.error_records})
+    atomic_write_json(stats_path(column_shard_path(root, column, st.name)), marker)
+    st.marker, st.legacy = marker, False
 
 
-def _label_shard(root, column, name, labeler, batch_size, single_template, provenance, errors, bar):
+@dataclass
+class _Item:
+    key: str
+    img: object
+    label: int
+    err: str
+    kept: Optional[Dict] = None        # redo_errors: the record already in the column
+
+
+def _take(out: Dict, idx: List[int]) -> Dict:
+    return {k: v[idx] for k, v in out.items() if k != "errors"}
+
+
+def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_size,
+                 single_template, errors, bar, redo: bool = False) -> int:
+    name = st.name
     src = image_shard_path(root, name)
     dst = column_shard_path(root, column, name)
-    sums, t0 = [], time.time()
-    corrupt = truncated = 0
+    marker = stats_path(dst)
+    keep: Dict[str, Dict] = {}
+    base_sums: List[Dict] = []
+    retried = 0
+    if redo:
+        # Keep every good record; only the error records are labeled again.
+        try:
+            for key, fields in iter_tar(dst):
+                if ERR in fields:
+                    retried += 1
+                else:
+                    keep[key] = fields
+            base_sums = [st.marker.get("sums", {})]
+        except ShardReadError as exc:      # our own tar damaged: relabel all of it
+            print(f"warning: {exc}; relabeling the whole shard {name}", flush=True)
+            keep, retried = {}, 0
+    # The marker goes first: from here until the new marker the shard is pending, never "done"
+    # with a tar that does not match it.
+    if os.path.exists(marker):
+        os.unlink(marker)
+    sums: List[Dict] = []
+    t0 = time.time()
+    counts = {"corrupt": 0, "label": 0, "err": 0, "truncated": 0}
     with ShardWriter(dst) as w:
-        batch: List = []
+        batch: List[_Item] = []
 
         def flush():
-            keys = [b[0] for b in batch]
-            good = [i for i, b in enumerate(batch) if b[1] is not None or not labeler.needs_images]
-            true = np.array([b[2] for b in batch], dtype=np.int64)
-            if good:
-                out = labeler.label([batch[i][1] for i in good] if labeler.needs_images else None,
-                                    true[good], [keys[i] for i in good])
-                sums.append(_shard_sums(out, true[good], single_template))
-            pos = {i: j for j, i in enumerate(good)}
-            for i, key in enumerate(keys):
-                if i not in pos:
-                    # Keep the column aligned 1:1 with the image shard: a damaged image gets an
-                    # error record instead of labels; readers skip it together with the image.
-                    w.write(key, {"err.txt": batch[i][3]})
-                    continue
-                j = pos[i]
-                fields = {CAND: to_indices(out["Y"][j])}
-                for k, f in (("votes", VOTES), ("topi", TOPI), ("topp", TOPP)):
-                    if k in out:
-                        fields[f] = out[k][j]
-                w.write(key, fields)
+            todo = [i for i, b in enumerate(batch)
+                    if b.kept is None and (b.img is not None or not labeler.needs_images)]
+            records: Dict[int, Dict] = {}
+            if todo:
+                true = np.array([batch[i].label for i in todo], dtype=np.int64)
+                out = labeler.label([batch[i].img for i in todo] if labeler.needs_images else None,
+                                    true, [batch[i].key for i in todo])
+                errs = out.get("errors")
+                ok = [j for j in range(len(todo)) if errs is None or not errs[j]]
+                if ok:
+                    sums.append(_shard_sums(_take(out, ok), true[ok], single_template))
+                for j, i in enumerate(todo):
+                    if errs is not None and errs[j]:
+                        batch[i].err = f"LabelError: {errs[j]}"
+                        errors.report("label_error", name, batch[i].key, str(errs[j]))
+                        counts["label"] += 1
+                        continue
+                    fields = {CAND: to_indices(out["Y"][j])}
+                    for k, f in (("votes", VOTES), ("topi", TOPI), ("topp", TOPP)):
+                        if k in out:
+                            fields[f] = out[k][j]
+                    records[i] = fields
+            for i, b in enumerate(batch):
+                if b.kept is not None:
+                    w.write(b.key, b.kept)
+                elif i in records:
+                    w.write(b.key, records[i])
+                else:
+                    # Keep the column aligned 1:1 with the image shard: a damaged image (or a
+                    # sample the labeler failed on) gets an error record instead of labels;
+                    # readers skip it together with the image.
+                    w.write(b.key, {ERR: b.err})
+                    counts["err"] += 1
             bar.update(len(batch))
             batch.clear()
 
         try:
             for key, fields in iter_tar(src):
                 label = int(fields["cls"].decode()) if "cls" in fields else -1
-                img, err = None, ""
-                if labeler.needs_images:
+                img, err, kept = None, "", keep.get(key)
+                if labeler.needs_images and kept is None:
                     ext = image_field(fields)
                     try:
                         if ext is None:
                             raise ValueError(f"no image field among {sorted(fields)}")
                         img = decode_image(fields[ext])
                     except Exception as exc:
-                        err = f"{type(exc).__name__}: {exc}"
+                        # no object addresses ("<BytesIO at 0x7f..>"): the same input gives the
+                        # same bytes, so a rerun or a retry reproduces the shard exactly
+                        err = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
                         errors.report("corrupt_image", name, key, err)
-                        corrupt += 1
-                batch.append((key, img, label, err))
+                        counts["corrupt"] += 1
+                batch.append(_Item(key, img, label, err, kept))
                 if len(batch) >= batch_size:
                     flush()
         except ShardReadError as exc:
             errors.report("truncated_shard", name, exc.last_key, str(exc))
-            truncated = 1
+            counts["truncated"] = 1
         if batch:
             flush()
-    w.commit({"format_version": FORMAT_VERSION, "column": column,
-              "sums": _merge_sums(sums), "corrupt_images": corrupt, "truncated": bool(truncated),
-              "images_per_s": round(w.count / max(time.time() - t0, 1e-9), 1),
-              "provenance": provenance})
+    stats = {"format_version": FORMAT_VERSION, "column": column, "kind": spec.kind,
+             "content_hash": spec.hash(name), "provenance_hash": spec.provenance_hash,
+             "content_inputs": spec.inputs(name), "sums": merge_sums(base_sums + sums),
+             "error_records": counts["err"], "corrupt_images": counts["corrupt"],
+             "label_errors": counts["label"], "truncated": bool(counts["truncated"]),
+             "images_per_s": round(w.count / max(time.time() - t0, 1e-9), 1),
+             "provenance": spec.provenance}
+    if redo:
+        stats["redo_errors"] = {"retried": retried, "still_failing": counts["err"]}
+    w.commit(stats)
+    _remove_leftovers(dst, t0)
     return w.count
 
 
-def _merge_sums(sums: List[Dict]) -> Dict:
-    out = {k: sum(s.get(k, 0) for s in sums) for k in _SUM_KEYS}
-    per_t = [s["per_template_correct"] for s in sums if "per_template_correct" in s]
-    if per_t:
-        out["per_template_correct"] = np.sum(per_t, axis=0).astype(int).tolist()
-    return out
+def _remove_leftovers(dst: str, before: float) -> None:
+    """Temporary files of this shard left by a task that died (older than this write)."""
+    for p in glob.glob(glob.escape(dst) + ".tmp-*"):
+        try:
+            if os.path.getmtime(p) < before:
+                os.unlink(p)
+        except OSError:
+            pass
 
 
-def _write_column_info(root, manifest, column, provenance, result):
-    path = os.path.join(column_dir(root, column), COLUMN_INFO)
-    old = read_json(path) if os.path.isfile(path) else {}
-    splits = {**old.get("splits", {}), **result}     # a later call may label another split
-    complete = all(r["shards_missing"] == 0 for r in splits.values())
-    info = {"column": column, "format_version": FORMAT_VERSION, "kind": "candidates",
-            "num_classes": manifest.num_classes, "complete": complete,
-            "provenance": provenance, "splits": splits}
-    atomic_write_json(path, info)
+__all__ = ["Labeler", "StaleColumnError", "select_shards", "summarize", "write_column"]

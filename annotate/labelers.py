@@ -13,6 +13,10 @@ import numpy as np
 
 from coreg_dist.labels import derive_candidates, synthetic_npll, top_few
 
+# The parameters each candidate rule reads (the others do not change its output).
+RULE_PARAMS = {"union_argmax": (), "topk": ("topk",), "ratio": ("topk", "ratio"),
+               "soft": ("soft_threshold",)}
+
 
 class ClipLabeler:
     """Each prompt template is one annotator; the rule turns their scores into a set."""
@@ -41,10 +45,28 @@ class ClipLabeler:
                 "rule": c.rule, "topk": c.topk, "ratio": c.ratio, "soft_threshold": c.soft_threshold,
                 "store_topk": c.store_topk}
 
+    def content_provenance(self) -> Dict:
+        """What determines the column's bytes (annotate/provenance.py hashes it): the model by its
+        weights hash when it is a local checkpoint (its path and name are recorded, not hashed:
+        a moved or copied checkpoint gives the same column), else by name and revision; the
+        checkpoint's config/tokenizer/processor files; preprocessing; templates; the rule and
+        only the parameters it reads; the stored top-K as written (min(store_topk, C))."""
+        p = dict(self.provenance())
+        p.pop("path", None)
+        if p.get("weights_sha256"):
+            p.pop("model", None)
+        used = RULE_PARAMS.get(p["rule"], ("topk", "ratio", "soft_threshold"))
+        for k in ("topk", "ratio", "soft_threshold"):
+            if k not in used:
+                p.pop(k, None)
+        p["store_topk"] = min(int(p["store_topk"]), int(p["num_classes"]))
+        return p
+
 
 class SyntheticLabeler:
     """[P][C] The q / eta flip protocol on the true labels, for controlled studies."""
     needs_images = False
+    batch_dependent = True      # seeded per batch: the batch size is part of the content hash
 
     def __init__(self, cfg_synthetic, num_classes: int):
         self.cfg, self.num_classes = cfg_synthetic, num_classes

@@ -28,8 +28,9 @@ def inspect(root: str) -> None:
         for split, s in info.get("splits", {}).items():
             extras = "  ".join(f"{k}={s[k]:.4f}" for k in ("zero_shot_acc", "avg_candidates", "eta")
                                if k in s)
+            stale = f", {s['shards_stale']} stale" if s.get("shards_stale") else ""
             print(f"    {split}: {s.get('n_images', 0)} images, {s.get('shards_done')} shards done, "
-                  f"{s.get('shards_missing')} missing  {extras}")
+                  f"{s.get('shards_missing')} missing{stale}  {extras}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -141,3 +141,22 @@ def demo_overrides(base, *extra):
     return [f"data.root={base}/data", f"embedded.out_dir={base}/embedded", f"annotator.model={base}/embedded",
             "train.max_train_samples=4000", "train.epochs=2", "coreg.warm_up=1", "coreg.feature_start=0",
             *extra]
+
+
+def make_tiny_clip(clip_dir: str, classes, image_size: int = 28, templates=None) -> str:
+    """A tiny random CLIPModel + tokenizer + processor in Hugging Face format (what
+    tests/test_annotate.py builds): loads through exactly the code that loads a real CLIP."""
+    from transformers import CLIPProcessor
+
+    from annotate.embedded_clip import build_clip_model, build_clip_tokenizer, build_image_processor
+    from coreg_dist.config import CLIP_TEMPLATES_27, EmbeddedClipConfig
+
+    templates = list(templates or CLIP_TEMPLATES_27)
+    torch.manual_seed(0)
+    tok = build_clip_tokenizer([t.format(c) for t in templates for c in classes])
+    cfg = EmbeddedClipConfig(vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+                             projection_dim=16)
+    build_clip_model(cfg, tok).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=build_image_processor(image_size, [0.3] * 3, [0.3] * 3),
+                  tokenizer=tok).save_pretrained(clip_dir)
+    return clip_dir

@@ -5,7 +5,7 @@
     ROOT/images/<split>-<NNNNNN>.stats.json  commit marker of the image shard
     ROOT/columns/<col>/<shard>.tar           column shard: same basename, same keys, same order
     ROOT/columns/<col>/<shard>.stats.json    commit marker of the column shard (written last)
-    ROOT/columns/<col>/column.json           provenance + totals, written once every shard committed
+    ROOT/columns/<col>/column.json           provenance + totals, derived from the shard markers
 
 A column is anything per-sample that lives beside the images: an annotator's candidate sets,
 votes and scores, merged sets, per-sample training state. Several columns coexist.

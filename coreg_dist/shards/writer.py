@@ -7,6 +7,7 @@ then the stats JSON (the commit marker) written last.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -16,6 +17,23 @@ import webdataset as wds
 
 from coreg_dist.io import atomic_write_json
 from coreg_dist.shards.format import check_key, stats_path
+
+
+class _HashingFile:
+    """A write-only file that also feeds every byte to sha256 (tarfile's stream mode only writes)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
 
 
 class ShardWriter:
@@ -32,7 +50,7 @@ class ShardWriter:
         os.makedirs(folder, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".tmp-", dir=folder)
         os.chmod(self._tmp, 0o644)
-        self._stream = os.fdopen(fd, "wb")
+        self._stream = _HashingFile(os.fdopen(fd, "wb"))
         # mtime fixed so that the same input gives byte-identical shards (idempotent reruns).
         self._tar = wds.TarWriter(self._stream, mtime=0)
         return self
@@ -53,7 +71,10 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._tar.close()    # closes the stream too
+            try:
+                self._tar.close()    # writes the end of the archive; leaves our stream open
+            finally:
+                self._stream.close()
         finally:
             if exc_type is None:
                 os.replace(self._tmp, self.path)
@@ -67,6 +88,7 @@ class ShardWriter:
         body = {"shard": os.path.basename(self.path), "n": self.count,
                 "first_key": self.keys[0] if self.keys else None,
                 "last_key": self.keys[-1] if self.keys else None,
+                "sha256": self._stream.sha.hexdigest(),
                 "seconds": round(time.time() - self._t0, 3)}
         body.update(stats or {})
         marker = stats_path(self.path)
