@@ -2,6 +2,7 @@
 
     python bench/grid.py --grid configs/grids/robustness.yaml                 # the issue's grid (make grid)
     python bench/grid.py --grid configs/grids/robustness.yaml --dry-run       # the plan; nothing runs
+    python bench/grid.py --grid configs/grids/robustness.yaml --jobs 2        # 2 runs at a time, 1 thread each
     python bench/grid.py --grid configs/grids/robustness.yaml --only 'pool4k_clip/*' --seeds 0
     python bench/grid.py --grid configs/grids/robustness.yaml --only pool4k_syn_q25_e15 \\
         --set train.epochs=4 --workdir runs/grid-slice                         # a quick slice
@@ -11,8 +12,9 @@
 Everything about the experiment is in the grid YAML (see configs/grids/robustness.yaml):
   base:     config: [YAML presets]  overrides: [key=value, ...]     (every run)
   prepare:  name -> command           steps that make label columns etc.; each must be idempotent.
-            A step runs once per invocation, before the first run of a cell that lists it
-            (cell `prepare:`; default: every step). `{python}` and `{workdir}` are substituted.
+            A step runs once per invocation, alone, before the first run of a cell that lists it
+            (cell `prepare:`; default: every step; with --jobs N > 1 every needed step runs
+            first, before the first run). `{python}` and `{workdir}` are substituted.
   methods:  name -> [overrides] or {overrides: [...], label: "..."}
   default_methods: [names]            methods of a cell that has no `methods:` list
   seeds:    [0, 1, 2]
@@ -29,7 +31,17 @@ command (launcher, presets, overrides; not the run directory) recorded in grid_r
 matches: reruns skip finished runs, rerun runs whose definition changed (their old directory is
 deleted) and continue killed runs with train.resume=latest. A failing run is reported with its
 exit code, log and last lines, and the grid goes on; the exit status is 1 if any run failed.
-Ctrl-C stops the current run with SIGTERM (it checkpoints) and writes the results so far.
+Ctrl-C (or SIGTERM) stops the runs in flight with SIGTERM (they checkpoint), waits for them (a
+second Ctrl-C, or 120 s, kills them at once), writes the results so far and exits 130.
+
+--jobs N (default 1: one run at a time) keeps up to N runs going at once, in plan order. Each
+gets `run.threads=T` as its last override, T = max(1, R // N), R = the run's own run.threads
+(from its presets and overrides), or the CPU count where that is 0 (torch's default). T is not part
+of a run's definition (the hash): a run finished with one --jobs is skipped with any other, and
+a killed one resumes with any. The thread count changes no result except through the order of
+float sums (not bit-identical across thread counts). Progress lines name the runs in flight;
+the ETA divides the work left by N. The outputs are written once, by the harness's main loop,
+after the runs.
 
 Outputs in WORKDIR (over every finished run of the grid, not only this invocation's):
   results.json  every run (cell, method, seed, test_acc, per-epoch curve, seconds, report
@@ -101,6 +113,7 @@ class Run:
     key: Dict                  # what the hash is over
     hash: str
     epochs: Optional[int] = None
+    threads: Optional[int] = None  # its resolved run.threads (0: torch's default); None: not resolved
     config_error: str = ""
     status: str = ""           # done | new | resume | changed
     result: Dict = field(default_factory=dict)
@@ -249,6 +262,7 @@ def validate(grid: Grid, runs: List[Run]) -> None:
             try:
                 cfg = load_config(grid.configs, r.key["overrides"])
                 r.epochs = int(cfg.train.epochs)
+                r.threads = int(cfg.run.threads)
             except ConfigError as exc:
                 r.config_error = str(exc)
             except SystemExit as exc:
@@ -316,8 +330,9 @@ def tail(path: str, n: int = 15) -> str:
         return ""
 
 
-class Stopped(Exception):
-    pass
+POLL_S = 0.2          # how often the harness looks at its children
+EPOCH_POLL_S = 2.0    # how often it reads a run's metrics.jsonl for the epoch lines
+STOP_WAIT_S = 120     # after SIGTERM, how long the children have to checkpoint before SIGKILL
 
 
 def _die_with_parent() -> None:
@@ -330,22 +345,109 @@ def _die_with_parent() -> None:
         pass
 
 
+def threads_per_run(run: Run, jobs: int) -> Optional[int]:
+    """run.threads for one of `jobs` concurrent runs: the threads the run has alone (its resolved
+    run.threads: presets, base, cell, method, --set), else the CPU count, divided by `jobs`.
+    None for --jobs 1: nothing is added, the run is launched exactly as without --jobs."""
+    if jobs <= 1:
+        return None
+    alone = run.threads
+    if alone is None:                                # not resolved (no config check): the overrides
+        given = [o.split("=", 1)[1] for o in run.key["overrides"] if _key_of(o) == "run.threads"]
+        try:
+            alone = int(given[-1]) if given else 0
+        except ValueError:
+            alone = 0
+    if not alone or alone <= 0:                      # 0 = torch's default: every core
+        alone = os.cpu_count() or 1
+    return max(1, alone // jobs)
+
+
+def launch_argv(run: Run, jobs: int) -> List[str]:
+    """The command line as launched. With --jobs N > 1, run.threads=T comes last (it wins); it is
+    not part of the run's hash, so --jobs never changes which runs count as finished."""
+    t = threads_per_run(run, jobs)
+    return run.argv if t is None else [*run.argv, f"run.threads={t}"]
+
+
+@dataclass
+class Active:
+    """A trainer in flight (Runner.start -> poll -> finish)."""
+    run: Run
+    index: int                 # the [i/n] of the progress lines
+    argv: List[str]
+    proc: subprocess.Popen
+    logf: object
+    rec: Dict
+    rec_path: str
+    log_path: str
+    metrics_path: str
+    seen: int                  # metrics.jsonl lines already reported
+    t0: float
+    next_epochs: float = 0.0
+    signalled: bool = False    # SIGTERM sent: it checkpoints and exits
+    rc: Optional[int] = None   # its exit status, once it ended
+
+
 class Runner:
-    def __init__(self, grid: Grid, log=print):
-        self.grid, self.log = grid, log
+    """Starts, polls and stops the children: up to `jobs` trainers at once, or one prepare command
+    alone. Signal handlers only record the signal and forward it; the main loop (main thread)
+    does everything else, so nothing is interrupted halfway."""
+
+    def __init__(self, grid: Grid, log=print, jobs: int = 1):
+        self.grid, self.log, self.jobs = grid, log, max(1, int(jobs))
         self.env = child_env(grid)
-        self.proc: Optional[subprocess.Popen] = None
-        self.group = False
+        self.active: List[Active] = []
+        self.prep: Optional[subprocess.Popen] = None
+        self.stop = ""                    # the first signal's name, once one came
+        self.stop_t: Optional[float] = None
+        self.forced = False               # a second signal (or STOP_WAIT_S passed): SIGKILL
+        self.killed = False
 
+    # --- signals
     def _signal(self, signum, frame):
-        if self.proc is not None and self.proc.poll() is None:
-            if self.group:                           # a shell command: its whole process group
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            else:
-                self.proc.send_signal(signal.SIGTERM)   # the trainer checkpoints and exits 75
-        raise Stopped(signal.Signals(signum).name)
+        if self.stop:                     # a second Ctrl-C: do not wait for the checkpoints
+            self.forced = True
+            self._kill_all()
+            return
+        self.stop, self.stop_t = signal.Signals(signum).name, time.time()
+        self.terminate()
 
+    def terminate(self) -> None:
+        """SIGTERM to every child not yet told: a prepare command's whole process group; a
+        trainer itself (it checkpoints and exits 75; a launcher like torchrun forwards it)."""
+        if self.prep is not None and self.prep.poll() is None:
+            _killpg(self.prep.pid, signal.SIGTERM)
+        for a in self.active:
+            if not a.signalled and a.proc.poll() is None:
+                a.signalled = True
+                try:
+                    a.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_all(self) -> None:
+        for p in [self.prep, *(a.proc for a in self.active)]:
+            if p is not None and p.poll() is None:
+                _killpg(p.pid, signal.SIGKILL)
+
+    def _check_stop(self) -> None:
+        """Called while waiting: tell children started after the signal; SIGKILL after STOP_WAIT_S."""
+        if not self.stop:
+            return
+        self.terminate()
+        if not self.forced and time.time() - self.stop_t > STOP_WAIT_S:
+            self.forced = True
+            self.log(f"    children still running {STOP_WAIT_S} s after {self.stop}: SIGKILL")
+        if self.forced:
+            if not self.killed and (self.active or self.prep is not None):
+                self.killed = True
+                self.log("    killed (SIGKILL) without waiting for a checkpoint")
+            self._kill_all()
+
+    # --- prepare steps: alone, nothing else in flight
     def prepare(self, name: str) -> bool:
+        assert not self.active, "a prepare step runs alone"
         cmd = _subst(self.grid.prepare[name], self.grid.workdir)
         pdir = os.path.join(self.grid.workdir, "prepare")
         os.makedirs(pdir, exist_ok=True)
@@ -355,17 +457,21 @@ class Runner:
         with open(log_path, "a") as logf:
             logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {cmd}\n")
             logf.flush()
-            self.group = True
             plain = not any(ch in cmd for ch in ";&|<>()$`\n*?")
-            self.proc = subprocess.Popen(shlex.split(cmd) if plain else cmd, shell=not plain, cwd=REPO,
+            self.prep = subprocess.Popen(shlex.split(cmd) if plain else cmd, shell=not plain, cwd=REPO,
                                          env=self.env, stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True, preexec_fn=_die_with_parent)
-            try:
-                rc = self.proc.wait()
-            except Stopped:
-                self._wait_stopped()
-                raise
-            self.proc = None
+            while True:
+                self._check_stop()
+                try:
+                    rc = self.prep.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            self.prep = None
+        if self.stop:
+            self.log(f"prepare {name}: stopped ({self.stop}, exit {rc}); it runs again on the next call")
+            return False
         if rc != 0:
             self.log(f"prepare {name} FAILED (exit {rc}, {time.time() - t0:.0f} s); log: {log_path}\n"
                      + _indent(tail(log_path)))
@@ -373,66 +479,94 @@ class Runner:
         self.log(f"prepare {name}: ok ({time.time() - t0:.0f} s; log: {log_path})")
         return True
 
-    def train(self, run: Run) -> Dict:
+    # --- trainers: start, poll, finish
+    def start(self, run: Run, index: int = 0) -> Active:
         if run.status == "changed" and os.path.exists(run.run_dir):
             shutil.rmtree(run.run_dir)
         os.makedirs(run.run_dir, exist_ok=True)
+        argv = launch_argv(run, self.jobs)
         rec_path = os.path.join(run.run_dir, RUN_RECORD)
         rec = _read_json(rec_path) or {"cell": run.cell, "method": run.method, "seed": run.seed,
                                        "hash": run.hash, "key": run.key, "attempts": []}
-        rec["argv"] = run.argv
-        rec["attempts"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        rec["argv"] = argv
+        attempt = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.jobs > 1:
+            attempt.update({"jobs": self.jobs, "threads": threads_per_run(run, self.jobs)})
+        rec["attempts"].append(attempt)
         _write_json(rec_path, rec)
         log_path = os.path.join(run.run_dir, LOG_NAME)
         metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
         seen = _count_lines(metrics_path)
-        t0 = time.time()
-        with open(log_path, "a") as logf:
+        logf = open(log_path, "a")
+        try:
             logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                       + " ".join(shlex.quote(a) for a in run.argv) + "\n")
+                       + " ".join(shlex.quote(a) for a in argv) + "\n")
             logf.flush()
-            self.group = False
-            self.proc = subprocess.Popen(run.argv, cwd=REPO, env=self.env, stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-            try:
-                while True:
-                    try:
-                        rc = self.proc.wait(timeout=2.0)
-                        break
-                    except subprocess.TimeoutExpired:
-                        seen = self._epochs(run, metrics_path, seen)
-            except Stopped:                          # SIGINT / SIGTERM: let the run checkpoint
-                rc = self._wait_stopped()
-                rec["attempts"][-1].update({"exit": rc, "wall_s": round(time.time() - t0, 1),
-                                            "stopped": True})
-                _write_json(rec_path, rec)
-                raise
-            self._epochs(run, metrics_path, seen)
-            self.proc = None
-        wall = time.time() - t0
-        rec["attempts"][-1].update({"exit": rc, "wall_s": round(wall, 1)})
-        _write_json(rec_path, rec)
-        report = _read_json(os.path.join(run.run_dir, "report.json"))
+            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        except BaseException:
+            logf.close()
+            raise
+        t0 = time.time()
+        a = Active(run, index, argv, proc, logf, rec, rec_path, log_path, metrics_path, seen, t0,
+                   next_epochs=t0 + EPOCH_POLL_S)
+        self.active.append(a)
+        if self.stop:                      # a signal came while it started
+            self.terminate()
+        return a
+
+    def poll(self) -> List[Active]:
+        """The runs that ended since the last call (their .rc set), removed from `active`; prints
+        the epoch lines of the others every EPOCH_POLL_S."""
+        self._check_stop()
+        done, now = [], time.time()
+        for a in list(self.active):
+            rc = a.proc.poll()
+            if rc is not None:
+                a.rc = rc
+                self.active.remove(a)
+                done.append(a)
+            elif now >= a.next_epochs:
+                a.seen = self._epochs(a.run, a.metrics_path, a.seen)
+                a.next_epochs = now + EPOCH_POLL_S
+        return done
+
+    def finish(self, a: Active) -> Dict:
+        """Record the attempt and judge it. {"status": "stopped"} for a run that a signal stopped
+        before it finished: it continues from its checkpoint on the next call."""
+        rc = a.rc
+        a.seen = self._epochs(a.run, a.metrics_path, a.seen)
+        a.logf.close()
+        wall = time.time() - a.t0
+        report = _read_json(os.path.join(a.run.run_dir, "report.json"))
+        stopped = a.signalled and not (rc == 0 and report is not None)
+        a.rec["attempts"][-1].update({"exit": rc, "wall_s": round(wall, 1), **({"stopped": True} if stopped else {})})
+        _write_json(a.rec_path, a.rec)
+        if stopped:
+            return {"status": "stopped", "returncode": rc, "wall_s": round(wall, 1)}
         if rc != 0 or report is None:
             why = f"exit {rc}" if rc != 0 else "exit 0 but no report.json"
-            return {"status": "failed", "returncode": rc, "error": why, "log": log_path,
-                    "wall_s": round(wall, 1), "log_tail": tail(log_path)}
+            return {"status": "failed", "returncode": rc, "error": why, "log": a.log_path,
+                    "wall_s": round(wall, 1), "log_tail": tail(a.log_path)}
         return {"status": "ok", "wall_s": round(wall, 1)}
 
-    def _wait_stopped(self) -> Optional[int]:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
+    def abort(self) -> None:
+        """Stop every child and wait for it (an error in the harness itself)."""
+        if not self.stop:
+            self.stop, self.stop_t = "error", time.time()
         try:
-            return proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            while self.active:
+                for a in self.poll():
+                    self.finish(a)
+                if self.active:
+                    time.sleep(POLL_S)
+        except BaseException:
+            self._kill_all()
 
     def _epochs(self, run: Run, path: str, seen: int) -> int:
-        """One line per finished epoch while a run trains."""
+        """One line per finished epoch while a run trains (with --jobs > 1: led by the run's id)."""
         lines = _read_lines(path)
+        who = f" {run.id}" if self.jobs > 1 else ""
         for line in lines[seen:]:
             try:
                 rec = json.loads(line)
@@ -441,10 +575,17 @@ class Runner:
             acc = _epoch_acc(rec)
             total = f"/{run.epochs}" if run.epochs else ""
             extra = f"  P {rec['n_p_net1']}" if "n_p_net1" in rec else ""
-            self.log(f"      epoch {int(rec.get('epoch', 0)) + 1}{total}  test_acc "
+            self.log(f"     {who} epoch {int(rec.get('epoch', 0)) + 1}{total}  test_acc "
                      f"{_pct(acc)}  ({rec.get('epoch_s', 0):.0f} s){extra}")
             seen += 1
         return seen
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _count_lines(path: str) -> int:
@@ -733,10 +874,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every cell (e.g. 0,1,2)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override added to every run (changes the runs' hash: they rerun)")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="run up to N trainings at once (default 1: one at a time). Each gets "
+                         "run.threads=T appended last, T = max(1, its run.threads alone // N) (a run "
+                         "without run.threads: the CPU count // N). Not part of a run's definition: "
+                         "runs finished with any --jobs are skipped with any other. Results do not "
+                         "depend on the thread count except through the order of float sums (not "
+                         "bit-identical). Prepare steps all run first, alone")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: rewrite results.json / .md / plots from the finished runs")
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error("--jobs must be at least 1")
     log = lambda s="": print(s, flush=True)  # noqa: E731
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else None
@@ -762,6 +912,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"(definition changed: rerun from scratch), {len(bad)} with config errors")
     if a.extra:
         log(f"   --set: {' '.join(a.extra)}")
+    if a.jobs > 1:
+        ts = sorted({threads_per_run(r, a.jobs) for r in todo})
+        log(f"   --jobs {a.jobs}: up to {a.jobs} runs at a time"
+            + (f", run.threads={'/'.join(map(str, ts))} each" if ts else ""))
     for r in bad:
         log(f"   CONFIG ERROR {r.id}: {r.config_error}")
 
@@ -771,7 +925,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"   prepare {p}: {_subst(grid.prepare[p], grid.workdir)}")
         for r in sel:
             what = "skip (finished)" if r.status == "done" else ("config error" if r.config_error else r.status)
-            log(f"   {r.id:48s} {what:16s} {' '.join(shlex.quote(x) for x in r.argv[1:])}")
+            log(f"   {r.id:48s} {what:16s} {' '.join(shlex.quote(x) for x in launch_argv(r, a.jobs)[1:])}")
         return 0
 
     if a.report_only:
@@ -793,44 +947,85 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rep = _read_json(os.path.join(r.run_dir, "report.json")) or {}
             if rep.get("seconds"):
                 measured.setdefault((r.cell, r.method), []).append(float(rep["seconds"]))
-    runner = Runner(grid, log)
+    runner = Runner(grid, log, a.jobs)
     prepared: Dict[str, bool] = {}
     t_start = time.time()
     old = {s: signal.signal(s, runner._signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    interrupted = None
+    hows = {"new": "", "resume": " (continuing a killed run: train.resume=latest)",
+            "changed": " (definition changed: old run deleted, rerun)"}
+    pending = list(todo)                # in plan order; the pool takes from the front
+    started, stopped, announced = 0, [], False
     try:
-        for i, r in enumerate(todo, 1):
-            for p in grid.cells[r.cell].prepare:
-                if p not in prepared:
+        if runner.jobs > 1:             # every prepare step first, alone, before any run starts
+            for p in grid.prepare:
+                if not runner.stop and any(p in grid.cells[r.cell].prepare for r in todo):
                     prepared[p] = runner.prepare(p)
-            failed_prep = [p for p in grid.cells[r.cell].prepare if not prepared[p]]
-            if failed_prep:
-                outcomes[r.id] = {"status": "failed", "error": f"prepare step {', '.join(failed_prep)} failed"}
-                log(f"[{i}/{len(todo)}] {r.id}: not run (prepare step {', '.join(failed_prep)} failed)")
-                continue
-            elapsed = time.time() - t_start
-            ests = [estimate(x, measured) for x in todo[i - 1:]]
-            eta = sum(ests) if all(e is not None for e in ests) else None
-            how = {"new": "", "resume": " (continuing a killed run: train.resume=latest)",
-                   "changed": " (definition changed: old run deleted, rerun)"}[r.status]
-            log(f"[{i}/{len(todo)}] {r.id}{how}  elapsed {fmt_time(elapsed)}  ETA {fmt_time(eta)}")
-            oc = runner.train(r)
-            outcomes[r.id] = oc
-            if oc["status"] == "ok":
-                rep = _read_json(os.path.join(r.run_dir, "report.json")) or {}
-                measured.setdefault((r.cell, r.method), []).append(float(rep.get("seconds") or oc["wall_s"]))
-                extra = f" (net1 {_pct(rep.get('test_acc_net1'))})" if "test_acc_ensemble" in rep else ""
-                log(f"    done {r.id}: test_acc {_pct(rep.get('test_acc'))}{extra}  "
-                    f"{rep.get('seconds', oc['wall_s'])} s")
-            else:
-                log(f"    FAILED {r.id}: {oc['error']}; log: {oc['log']}\n" + _indent(oc["log_tail"]))
-    except Stopped as exc:
-        interrupted = str(exc)
-        runner._wait_stopped()
-        log(f"\n{interrupted}: stopped; the interrupted run continues from its checkpoint on the next call")
+        while (pending and not runner.stop) or runner.active:
+            while pending and len(runner.active) < runner.jobs and not runner.stop:
+                r = pending[0]
+                need = [p for p in grid.cells[r.cell].prepare if p not in prepared]
+                if need and runner.active:
+                    break               # a prepare step runs alone: after the runs in flight
+                for p in need:
+                    if not runner.stop:
+                        prepared[p] = runner.prepare(p)
+                if runner.stop:
+                    break
+                pending.pop(0)
+                started += 1
+                failed_prep = [p for p in grid.cells[r.cell].prepare if not prepared[p]]
+                if failed_prep:
+                    outcomes[r.id] = {"status": "failed", "error": f"prepare step {', '.join(failed_prep)} failed"}
+                    log(f"[{started}/{len(todo)}] {r.id}: not run (prepare step {', '.join(failed_prep)} failed)")
+                    continue
+                elapsed = time.time() - t_start
+                # ETA: what is left of the runs in flight and the runs to come, shared by the jobs
+                ests = [None if e is None else max(0.0, e - (time.time() - x.t0))
+                        for x in runner.active for e in [estimate(x.run, measured)]]
+                ests += [estimate(x, measured) for x in [r, *pending]]
+                eta = sum(ests) / runner.jobs if all(e is not None for e in ests) else None
+                flight = ""
+                if runner.jobs > 1:
+                    ids = [x.run.id for x in runner.active] + [r.id]
+                    flight = f"  running {len(ids)}/{runner.jobs}: {', '.join(ids)}"
+                log(f"[{started}/{len(todo)}] {r.id}{hows[r.status]}  elapsed {fmt_time(elapsed)}  "
+                    f"ETA {fmt_time(eta)}{flight}")
+                runner.start(r, started)
+            if runner.stop and runner.active and not announced:
+                announced = True
+                log(f"\n{runner.stop}: stopping {', '.join(x.run.id for x in runner.active)} (SIGTERM: "
+                    f"a checkpoint, then exit; a second Ctrl-C kills at once)")
+            for x in runner.poll():
+                r, oc = x.run, runner.finish(x)
+                if oc["status"] == "stopped":
+                    stopped.append(r.id)
+                    continue
+                outcomes[r.id] = oc
+                if oc["status"] == "ok":
+                    rep = _read_json(os.path.join(r.run_dir, "report.json")) or {}
+                    measured.setdefault((r.cell, r.method), []).append(float(rep.get("seconds") or oc["wall_s"]))
+                    extra = f" (net1 {_pct(rep.get('test_acc_net1'))})" if "test_acc_ensemble" in rep else ""
+                    log(f"    done {r.id}: test_acc {_pct(rep.get('test_acc'))}{extra}  "
+                        f"{rep.get('seconds', oc['wall_s'])} s")
+                else:
+                    log(f"    FAILED {r.id}: {oc['error']}; log: {oc['log']}\n" + _indent(oc["log_tail"]))
+            if runner.active:
+                time.sleep(POLL_S)
+    except BaseException:               # a bug in the harness: do not leave trainers behind
+        runner.abort()
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    interrupted = runner.stop or None
+    if interrupted:
+        if len(stopped) == 1:
+            log(f"\n{interrupted}: stopped; the interrupted run continues from its checkpoint on the next call")
+        elif stopped:
+            log(f"\n{interrupted}: stopped; the interrupted runs ({', '.join(stopped)}) continue from "
+                f"their checkpoints on the next call")
+        else:
+            log(f"\n{interrupted}: stopped")
 
     results = write_outputs(grid, runs, outcomes, log)
     mine = {r.id for r in sel}

@@ -123,3 +123,180 @@ def test_grid_runs_skips_and_reruns_changed(tmp_path, capsys):
     # 4. the plan now has nothing to do
     assert grid_mod.main(args + ["--dry-run"]) == 0
     assert capsys.readouterr().out.count("skip (finished)") == 4
+
+
+# ----------------------------------------------------------------------------- --jobs
+# A stand-in trainer (no torch): takes the trainer's command line, sleeps through its epochs,
+# writes metrics.jsonl and report.json whose numbers depend only on (method, seed, epochs), logs
+# its start / end / stop to FAKE_TIMELINE, checkpoints-and-exits 75 on SIGTERM, fails when
+# train.max_train_samples=13. As a prepare step (`fake.py prepare NAME`): sleeps and logs.
+FAKE = r'''
+import json, os, signal, sys, time
+tl = os.environ["FAKE_TIMELINE"]
+def note(*xs):
+    with open(tl, "a") as f:
+        f.write(" ".join(map(str, xs)) + "\n")
+if sys.argv[1] == "prepare":
+    note("pstart", sys.argv[2], time.time()); time.sleep(0.5); note("pend", sys.argv[2], time.time())
+    sys.exit(0)
+kv = {}
+for a in sys.argv[1:]:
+    if "=" in a:
+        k, v = a.split("=", 1)
+        kv[k] = v                                  # the last one wins, as in the trainer
+out, seed, method = kv["run.out_dir"], int(kv["run.seed"]), kv["train.method"]
+epochs, ep_s = int(kv.get("train.epochs", 2)), float(os.environ.get("FAKE_EPOCH_S", "0.5"))
+rid = "/".join(out.split(os.sep)[-3:])
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+note("start", rid, time.time(), kv.get("run.threads"))
+if kv.get("train.max_train_samples") == "13":
+    print("boom: no such column"); sys.exit(3)
+mpath = os.path.join(out, "metrics.jsonl")
+done = len(open(mpath).read().splitlines()) if os.path.exists(mpath) else 0   # resume
+acc = lambda e: round(0.3 + ((7 * seed + 3 * len(method) + 5 * e) % 40) / 100, 4)
+for e in range(done, epochs):
+    t_end = time.time() + ep_s
+    while time.time() < t_end:
+        if stop:
+            note("stopped", rid, time.time()); sys.exit(75)
+        time.sleep(0.02)
+    with open(mpath, "a") as f:
+        f.write(json.dumps({"epoch": e, "test_acc": acc(e), "epoch_s": 0.5}) + "\n")
+with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump({"method": method, "test_acc": acc(epochs - 1), "seconds": 1.0 * epochs,
+               "train_samples": 64, "epochs": epochs}, f)
+note("end", rid, time.time())
+'''
+
+
+def write_fake_grid(tmp_path, base_threads=2, seeds=(0, 1), bad_cell=True):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    timeline = tmp_path / "timeline.txt"
+    text = f"""
+name: fake
+launcher: ["{{python}}", "{fake}"]
+env: {{FAKE_TIMELINE: "{timeline}"}}
+base:
+  overrides: [run.threads={base_threads}, train.epochs=2]
+prepare:
+  cols: "{{python}} {fake} prepare cols"
+methods:
+  pce: [train.method=pce]
+  coreg: [train.method=coreg]
+seeds: [{", ".join(map(str, seeds))}]
+cells:
+  a: {{label: cell a, overrides: []}}
+"""
+    if bad_cell:
+        text += "  bad: {label: bad, overrides: [train.max_train_samples=13], methods: [pce], seeds: [0]}\n"
+    gy = tmp_path / "fake.yaml"
+    gy.write_text(text)
+    return gy, timeline
+
+
+def read_timeline(path):
+    ev = {}
+    for line in open(path).read().splitlines():
+        kind, rid, t, *rest = line.split()
+        ev.setdefault(rid, {})[kind] = float(t)
+        if kind == "start":
+            ev[rid]["threads"] = rest[0]
+    return ev
+
+
+def comparable(wd):
+    """results.json without what names the place or the moment."""
+    res = json.load(open(os.path.join(wd, "results.json")))
+    runs = []
+    for r in res["runs"]:
+        r = {k: v for k, v in r.items() if k not in ("run_dir", "log", "log_tail", "wall_s")}
+        runs.append(r)
+    return runs, res["aggregate"]
+
+
+def test_jobs_runs_concurrently_same_results_and_skips(tmp_path, capsys):
+    gy, timeline = write_fake_grid(tmp_path)
+    wd1, wd2 = str(tmp_path / "wd1"), str(tmp_path / "wd2")
+
+    # --jobs 1 (the default): one at a time, launched exactly as before (no run.threads added)
+    assert grid_mod.main(["--grid", str(gy), "--workdir", wd1]) == 1      # the bad run fails
+    out = capsys.readouterr().out
+    assert out.count("    done a/") == 4 and "FAILED bad/pce/seed0: exit 3" in out
+    assert "running " not in out and "--jobs" not in out
+    ev = read_timeline(timeline)
+    spans = sorted((e["start"], e["end"]) for rid, e in ev.items() if "end" in e)
+    assert len(spans) == 4 and all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
+    assert {e["threads"] for rid, e in ev.items() if "start" in e} == {"2"}     # the base's, alone
+    rec = json.load(open(os.path.join(wd1, "a", "pce", "seed0", "grid_run.json")))
+    assert rec["argv"][-1] == "train.resume=latest" and "jobs" not in rec["attempts"][-1]
+    os.remove(timeline)
+
+    # --jobs 2: two at a time, run.threads=2//2 last, the prepare step before any run
+    assert grid_mod.main(["--grid", str(gy), "--workdir", wd2, "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("    done a/") == 4 and "FAILED bad/pce/seed0: exit 3" in out   # did not stop the others
+    assert "--jobs 2: up to 2 runs at a time, run.threads=1 each" in out
+    assert re.search(r"\[2/5\] a/coreg/seed0 .*running 2/2: a/pce/seed0, a/coreg/seed0", out)
+    assert re.search(r"      a/\w+/seed\d epoch 1/2  test_acc", out)      # epoch lines name their run
+    ev = read_timeline(timeline)
+    runs_ev = {rid: e for rid, e in ev.items() if "start" in e}
+    assert {e["threads"] for e in runs_ev.values()} == {"1"}
+    assert ev["cols"]["pend"] <= min(e["start"] for e in runs_ev.values())
+    spans = [(e["start"], e["end"]) for e in runs_ev.values() if "end" in e]
+    at_once = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert at_once == 2                                 # two overlapped, never three
+    rec = json.load(open(os.path.join(wd2, "a", "pce", "seed0", "grid_run.json")))
+    assert rec["argv"][-2:] == ["train.resume=latest", "run.threads=1"]
+    assert rec["attempts"][-1]["jobs"] == 2 and rec["attempts"][-1]["threads"] == 1
+    assert rec["hash"] == json.load(open(os.path.join(wd1, "a", "pce", "seed0", "grid_run.json")))["hash"]
+
+    # the same results either way
+    assert comparable(wd1) == comparable(wd2)
+    md1, md2 = (open(os.path.join(w, "results.md")).read() for w in (wd1, wd2))
+    assert md1 == md2
+
+    # a rerun with another --jobs skips every finished run (the failed one runs again)
+    for wd, jobs in ((wd1, "3"), (wd2, "1")):
+        assert grid_mod.main(["--grid", str(gy), "--workdir", wd, "--jobs", jobs]) == 1
+        out = capsys.readouterr().out
+        assert out.count("skipped a/") == 4 and "this call ran 0" in out and "[1/1] bad/pce/seed0" in out
+
+
+def test_jobs_sigterm_stops_every_run_and_they_resume(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    gy, timeline = write_fake_grid(tmp_path, seeds=(0,), bad_cell=False)
+    wd = str(tmp_path / "wd")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "grid.py"), "--grid", str(gy), "--workdir", wd,
+           "--jobs", "2"]
+    env = dict(os.environ, FAKE_EPOCH_S="3")           # long epochs: the signal lands mid-run
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if os.path.exists(timeline) and sum(l.startswith("start ") for l in open(timeline)) == 2:
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError("the two runs did not start: " + proc.communicate()[0])
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, out
+    assert "SIGTERM: stopping a/pce/seed0, a/coreg/seed0" in out
+    assert "the interrupted runs (a/pce/seed0, a/coreg/seed0) continue" in out
+    ev = read_timeline(timeline)
+    assert "stopped" in ev["a/pce/seed0"] and "stopped" in ev["a/coreg/seed0"]   # both told, both waited for
+    for m in ("pce", "coreg"):
+        rec = json.load(open(os.path.join(wd, "a", m, "seed0", "grid_run.json")))
+        assert rec["attempts"][-1]["stopped"] is True and rec["attempts"][-1]["exit"] == 75
+    res = json.load(open(os.path.join(wd, "results.json")))
+    assert {r["status"] for r in res["runs"]} == {"missing"}
+
+    # the next call, with --jobs 1, continues both (status resume), not from scratch
+    out = subprocess.run(cmd[:-2], capture_output=True, text=True).stdout
+    assert "2 to resume" in out and out.count("(continuing a killed run: train.resume=latest)") == 2
+    assert "2/2 runs of the grid finished; this call ran 2" in out
