@@ -105,7 +105,11 @@ class AnnotatorConfig:
     logit_scale: float = 100.0        # CLIP's fixed zero-shot scale
     batch_size: int = 256
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
-    overwrite: bool = False           # re-annotate shards that already have their commit marker
+    overwrite: bool = False           # relabel stale shards (content hash differs: other model,
+                                      # templates, rule, input); without it a rerun refuses them.
+                                      # Shards whose hash matches are always kept
+    redo_errors: bool = False         # relabel the error records (undecodable images, labeler
+                                      # failures) of done shards; the other records are kept
 
 
 @dataclass
@@ -143,7 +147,13 @@ class TrainConfig:
     crop_pad: int = 4                 # weak augmentation: random crop with this much padding
     flip: bool = True                 # horizontal flips (off for classes whose mirror image is another class)
     cutout: int = -1                  # strong augmentation: Cutout side; -1 = image_size // 2, 0 = off
-    randaug_ops: int = 1              # strong augmentation: RandAugment ops per image
+    cutout_fill: float = 0.5          # Cutout's fill, a pixel value in [0, 1] before the network's
+                                      # normalisation (0.5 = mid grey; 0 = black, as the authors'
+                                      # Cutout for Fashion-MNIST / FER2013)
+    randaug_ops: int = 1              # strong augmentation: RandAugment ops per image (0 = none)
+    randaug_list: List[str] = field(default_factory=list)  # ops RandAugment draws from (names in
+                                      # coreg_dist.augment.RANDAUG_OPS, drawn uniformly in the order
+                                      # given); empty = all 14, in RANDAUG_OPS order
     eval_batch_size: int = 1024       # per-rank batch of the sweeps (co-divide, evaluation)
     grad_clip: float = 0.0            # clip each network's gradient norm to this (0 = off)
     checkpoint_every: int = 0         # also checkpoint every this many optimizer steps (0 = per epoch only)
@@ -232,7 +242,34 @@ def load_config(path: Union[None, str, Sequence[str]] = None, overrides: Sequenc
     if missing:
         raise ConfigError(f"config key '{missing[0]}' is required but has no value"
                           + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""))
+    validate_augmentation(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def validate_augmentation(cfg) -> None:
+    """The `train` augmentation keys, checked before any data is read: a `ConfigError` naming the
+    key. `load_config` calls it; call it too on a config built or edited in code."""
+    from coreg_dist.augment import RANDAUG_OPS  # local: keeps `import coreg_dist.config` torch-free
+
+    t = cfg.train
+    if t.crop_pad < 0:
+        raise ConfigError(f"config key 'train.crop_pad' is {t.crop_pad}: must be >= 0")
+    if t.cutout < -1:
+        raise ConfigError(f"config key 'train.cutout' is {t.cutout}: must be -1 (image_size // 2), "
+                          f"0 (off) or a side in pixels")
+    if not 0.0 <= float(t.cutout_fill) <= 1.0:
+        raise ConfigError(f"config key 'train.cutout_fill' is {t.cutout_fill}: must be a pixel value "
+                          f"in [0, 1] (before normalisation)")
+    if t.randaug_ops < 0:
+        raise ConfigError(f"config key 'train.randaug_ops' is {t.randaug_ops}: must be >= 0")
+    ops = list(t.randaug_list)
+    unknown = [o for o in ops if o not in RANDAUG_OPS]
+    if unknown:
+        raise ConfigError(f"config key 'train.randaug_list' has unknown RandAugment op(s) "
+                          f"{unknown}; known: {list(RANDAUG_OPS)}")
+    dup = sorted({o for o in ops if ops.count(o) > 1})
+    if dup:
+        raise ConfigError(f"config key 'train.randaug_list' names {dup} more than once")
 
 
 def save_config(cfg: Config, run_dir: str, name: str = "config.yaml") -> str:
@@ -250,4 +287,4 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "MISSING",
-           "CLIP_TEMPLATES_27"]
+           "CLIP_TEMPLATES_27", "validate_augmentation"]

@@ -47,3 +47,16 @@ def demo_data(tmp_path_factory):
     build_embedded(cfg, "cpu")
     annotate_clip(cfg, "cpu")
     return str(base)
+
+
+@pytest.fixture
+def one_thread_seeded():
+    """One torch thread and seed 0 for the test: tiny batches gain nothing from more threads,
+    and the tests stay fast on a shared, busy 2-core machine (OpenMP spin-waits degrade badly)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -15,15 +15,7 @@ from coreg_dist.models import (
 CASES = [(1, 28), (3, 32), (3, 64)]  # (in_channels, image_size)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    # One thread: these tiny batches gain nothing from more, and the tests stay
-    # fast on a shared, busy 2-core machine (OpenMP spin-waits degrade badly).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
 def test_registry_lists_backbones():

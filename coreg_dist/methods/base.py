@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coreg_dist.augment import strong_augment, weak_augment
+from coreg_dist.augment import RANDAUG_OPS, strong_augment, weak_augment
 from coreg_dist.data.stream import PassSpec, Route, seed_of
 from coreg_dist.methods.registry import get_method, list_methods, register_method  # noqa: F401
 from coreg_dist.models import build_network
@@ -151,9 +151,11 @@ class Method:
     def strong(self, batch: Batch, part: str, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = batch.parts[part].x if x is None else x
         t = self.cfg.train
+        ops = tuple(t.randaug_list) or RANDAUG_OPS     # empty list = every op
         return per_stream(lambda c, g: strong_augment(c, pad=t.crop_pad, flip=self.info.flip,
                                                       n_ops=t.randaug_ops,
                                                       cutout=None if t.cutout < 0 else t.cutout,
+                                                      cutout_fill=float(t.cutout_fill), ops=ops,
                                                       generator=g),
                           x, batch.sizes[part], batch.rng.gens)
 
