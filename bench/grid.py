@@ -15,7 +15,7 @@ Everything about the experiment is in the grid YAML (see configs/grids/robustnes
             A step runs once per invocation, alone, before the first run of a cell that lists it
             (cell `prepare:`; default: every step; with --jobs N > 1 every needed step runs
             first, before the first run). `{python}` and `{workdir}` are substituted.
-  methods:  name -> [overrides] or {overrides: [...], label: "..."}
+  methods:  name -> [overrides] or {overrides: [...], label: "...", config: [presets after base's]}
   default_methods: [names]            methods of a cell that has no `methods:` list
   seeds:    [0, 1, 2]
   cells:    name -> {label, overrides, methods?, seeds?, prepare?}
@@ -91,6 +91,7 @@ class Method:
     name: str
     overrides: List[str]
     label: str
+    configs: List[str] = field(default_factory=list)   # presets stacked after the base's
 
 
 @dataclass
@@ -177,7 +178,8 @@ def load_grid(path: str, workdir: Optional[str] = None, seeds: Optional[List[int
     methods: "OrderedDict[str, Method]" = OrderedDict()
     for mname, spec in _named(raw.get("methods"), "methods").items():
         if isinstance(spec, dict):
-            methods[mname] = Method(mname, _strs(spec.get("overrides")), str(spec.get("label") or mname))
+            methods[mname] = Method(mname, _strs(spec.get("overrides")), str(spec.get("label") or mname),
+                                    _strs(spec.get("config")))
         else:
             methods[mname] = Method(mname, _strs(spec), mname)
     if not methods:
@@ -234,11 +236,12 @@ def plan_runs(grid: Grid, extra: Sequence[str] = ()) -> List[Run]:
             for seed in cell.seeds:
                 overrides = [*grid.base, *cell.overrides, *m.overrides, *extra, f"run.seed={seed}"]
                 overrides = [o for o in overrides if _key_of(o) not in UNHASHED_KEYS]
-                key = {"launcher": grid.launcher, "config": grid.configs, "overrides": overrides}
+                configs = [*grid.configs, *m.configs]
+                key = {"launcher": grid.launcher, "config": configs, "overrides": overrides}
                 h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
                 run_dir = os.path.join(grid.workdir, cell.name, mname, f"seed{seed}")
                 argv = [_subst(a, grid.workdir, quote=str) for a in grid.launcher]
-                for c in grid.configs:
+                for c in configs:
                     argv += ["--config", c]
                 argv += [*overrides, f"run.out_dir={run_dir}", "train.resume=latest"]
                 runs.append(Run(cell.name, mname, seed, run_dir, argv, key, h))
@@ -260,7 +263,7 @@ def validate(grid: Grid, runs: List[Run]) -> None:
     try:
         for r in runs:
             try:
-                cfg = load_config(grid.configs, r.key["overrides"])
+                cfg = load_config(r.key["config"], r.key["overrides"])
                 r.epochs = int(cfg.train.epochs)
                 r.threads = int(cfg.run.threads)
             except ConfigError as exc:
@@ -740,9 +743,11 @@ def markdown(grid: Grid, results: List[Dict], aggs: List[Dict]) -> str:
             a = by.get((cell.name, m))
             row.append("" if a is None else (f"{a['seconds_mean']:.0f}" if a["seconds_mean"] else "–"))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Methods: " + "; ".join(f"{grid.methods[m].label} = " + (f"`{' '.join(grid.methods[m].overrides)}`"
-                                                                       if grid.methods[m].overrides else "(base)")
-                                           for m in methods) + ".",
+    def method_args(m):
+        args = [f"--config {c}" for c in grid.methods[m].configs] + list(grid.methods[m].overrides)
+        return f"`{' '.join(args)}`" if args else "(base)"
+
+    lines += ["", "Methods: " + "; ".join(f"{grid.methods[m].label} = {method_args(m)}" for m in methods) + ".",
               "Cells: " + "; ".join(f"{c.label} = " + (f"`{' '.join(c.overrides)}`" if c.overrides else "(base)")
                                          for c in grid.cells.values()) + "."]
     failed = [r for r in results if r["status"] == "failed"]

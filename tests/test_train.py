@@ -17,7 +17,8 @@ ALL_OFF = ["coreg.warmup_neg_entropy=false", "coreg.co_divide=false",
            "coreg.loss_history=1", "coreg.cross_use=false", "coreg.co_pseudo_label=false",
            "coreg.refine_labeled=false", "coreg.co_guess_unlabeled=false", "coreg.use_unlabeled=false",
            "coreg.mixup=false", "coreg.prototypes=false", "coreg.contrastive=false",
-           "coreg.noisy_contrastive=false", "coreg.ensemble=false"]
+           "coreg.noisy_contrastive=false", "coreg.ensemble=false", "coreg.divide_per_class=false",
+           "coreg.pce_weight=0", "coreg.warmup_view=strong"]
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +137,19 @@ def keep_keys_before(run_dir, position):
 
 def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
     full = str(tmp_path / "full")
-    ref = train(cfg_for(dataset, full, "train.log_keys=true"), "cpu")
+    wb = "coreg.warmup_batch_factor=2"   # the step arithmetic below
+    ref = train(cfg_for(dataset, full, "train.log_keys=true", wb), "cpu")
     cut = str(tmp_path / "cut")
     # warm-up: 2 passes x 3 steps; checkpoint every 4 steps; killed at step 10, inside epoch 1
     with pytest.raises(RunKilled):
         train(cfg_for(dataset, cut, "train.stop_after_steps=10", "train.checkpoint_every=4",
-                      "train.log_keys=true"), "cpu")
+                      "train.log_keys=true", wb), "cpu")
     meta = json.load(open(os.path.join(latest(cut), "meta.json")))
     assert meta["mid_epoch"] and meta["epoch"] == 1 and meta["global_step"] == 8
     redone = keep_keys_before(cut, (meta["epoch"], meta["pass_index"], meta["step"]))
     assert redone > 0                    # the killed run had gone past its checkpoint
     resumed = train(cfg_for(dataset, cut, "train.resume=latest", "train.checkpoint_every=4",
-                            "train.log_keys=true"), "cpu")
+                            "train.log_keys=true", wb), "cpu")
     assert resumed["test_acc_ensemble"] == ref["test_acc_ensemble"]
     assert_same_model(final_model(full), final_model(cut))
     a = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
@@ -260,3 +262,55 @@ def test_divide_per_class_normalises_within_each_pseudo_class(dataset, tmp_path)
             if m.sum() >= 2 and np.ptp(loss[m]) > 1e-6:
                 assert norm[m].min() == pytest.approx(0.0, abs=1e-6)
                 assert norm[m].max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_u_in_and_out_of_candidate_accuracy_add_up_to_u(dataset, tmp_path):
+    """[C] the authors' per-epoch log of U: how many unrestricted guesses fall inside / outside
+    the candidate set, and how often each is right; counted from the per-sample state."""
+    out = str(tmp_path / "uio")
+    train(cfg_for(dataset, out, "train.epochs=2", "coreg.warm_up=1"), "cpu")
+    last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][-1]
+    meta = json.load(open(os.path.join(latest(out), "meta.json")))
+    folder = os.path.join(out, "state", f"v{meta['state_version']:05d}")
+    z = [np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".npz")]
+    for k in range(2):
+        n_in, n_out = last[f"u_in_cand_n_net{k + 1}"], last[f"u_out_cand_n_net{k + 1}"]
+        assert n_in + n_out == last[f"n_u_net{k + 1}"]
+        u = np.concatenate([a[f"w{k}"] <= 0.5 for a in z])
+        uin = np.concatenate([a[f"uin{k}"] for a in z])
+        uhit = np.concatenate([a[f"uhit{k}"] for a in z])
+        assert set(np.unique(uin)) <= {0, 1} and set(np.unique(uhit)) <= {0, 1}
+        assert int((u & (uin == 1)).sum()) == n_in
+        if n_in:
+            assert last[f"u_in_cand_acc_net{k + 1}"] == pytest.approx(
+                (u & (uin == 1) & (uhit == 1)).sum() / n_in)
+
+
+def test_da_prior_from_candidate_sets_with_temperature(dataset):
+    """coreg.da_prior=candidates: DA aligns toward the class balance of the candidate sets
+    (each set spread evenly over its classes), raised to da_prior_temperature and renormalised."""
+    from coreg_dist.methods.coreg import CoReg
+    from types import SimpleNamespace
+
+    sums = np.array([30.0, 10.0, 0.0, 60.0])
+    m = SimpleNamespace(c=SimpleNamespace(da_prior="candidates", da_prior_temperature=0.5),
+                        device="cpu")
+    prior = CoReg._da_prior(m, sums).numpy()
+    want = np.sqrt(np.maximum(sums, 1e-12))
+    np.testing.assert_allclose(prior, want / want.sum(), rtol=1e-6)
+    m.c.da_prior = "uniform"
+    assert CoReg._da_prior(m, sums) is None
+    with pytest.raises(Exception, match="coreg.da_prior"):
+        train(cfg_for(dataset, "/tmp/unused-da", "coreg.da_prior=clip"), "cpu")
+
+
+def test_weak_warmup_with_single_batch_takes_twice_the_steps(dataset, tmp_path):
+    """coreg.warmup_batch_factor=1: the warm-up batch is train.batch_size (the authors: 2x), so a
+    warm-up epoch makes twice the optimizer steps; coreg.warmup_view=weak trains it on weak views."""
+    steps = {}
+    for f in (2, 1):
+        out = str(tmp_path / f"wb{f}")
+        train(cfg_for(dataset, out, "train.epochs=1", "coreg.warm_up=1", "coreg.warmup_view=weak",
+                      f"coreg.warmup_batch_factor={f}"), "cpu")
+        steps[f] = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][0]["steps"]
+    assert steps[1] == 2 * steps[2]

@@ -6,7 +6,8 @@
 Files (all written through coreg_dist.io, so readers never see half a file):
     run_dir/report.json           the `report` dict, pretty-printed (non-finite numbers -> null)
     run_dir/plots/accuracy.png    test accuracy per epoch + the annotator's zero-shot line
-    run_dir/plots/partition.png   |P| / |U| per epoch; pseudo-label accuracy and candidate coverage
+    run_dir/plots/partition.png   |P| / |U| per epoch; pseudo-label accuracy and candidate coverage;
+                                  accuracy of U's unrestricted guesses inside / outside the candidates
     run_dir/plots/losses.png      every "loss", "loss/..." and "loss_..." history key per epoch
     run_dir/plots/confusion.png   row-normalised confusion matrix of the final predictions
     run_dir/report.md             title, table of key numbers, gain, plots, run details
@@ -278,6 +279,9 @@ def plot_partition(path, report, hist) -> bool:
     counts += [(k, net, "U", "--") for k, net in _variants(hist, "n_u")]
     quality = [(k, net, "P label acc", "-", "o") for k, net in _variants(hist, "p_label_acc")]
     quality += [(k, net, "U label acc", "--", "o") for k, net in _variants(hist, "u_label_acc")]
+    # [C] U's unrestricted guess inside / outside its candidate set, and how often it is right
+    quality += [(k, net, "U in-cand acc", ":", "^") for k, net in _variants(hist, "u_in_cand_acc")]
+    quality += [(k, net, "U out-cand acc", ":", "v") for k, net in _variants(hist, "u_out_cand_acc")]
     quality += [(k, net, "P coverage", "-", "s") for k, net in _variants(hist, "p_coverage")]
     quality += [(k, net, "U coverage", "--", "s") for k, net in _variants(hist, "u_coverage")]
     if not counts and not quality:
