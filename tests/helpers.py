@@ -89,7 +89,9 @@ def common(root, out, *extra):
     return [f"data.root={root}", f"run.out_dir={out}", "train.column=synthetic", "train.epochs=3",
             "train.batch_size=8", "train.eval_batch_size=16", "coreg.warm_up=1",
             "coreg.feature_start=0", "coreg.queue_size=32", "coreg.rampup_epochs=2",
-            "train.lr_period=0", "data.streams=2", "data.shuffle_buffer=8", *extra]
+            "train.lr_period=0", "data.streams=2", "data.shuffle_buffer=8",
+            # the tests' step arithmetic (kill points, checkpoints) counts warm-up batches of 2B
+            "coreg.warmup_batch_factor=2", *extra]
 
 
 def launch(cmd, expect=0, timeout=300, env=None):
