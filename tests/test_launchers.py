@@ -50,7 +50,8 @@ def same_training(a, b):
     A, B = model(a), model(b)
     for k in range(2):
         for name, t in A["nets"][k].items():
-            assert torch.allclose(t.float(), B["nets"][k][name].float(), atol=1e-5), name
+            # as DDP against one process (test_distributed): summation-order drift over 3 epochs
+            assert torch.allclose(t.float(), B["nets"][k][name].float(), atol=1e-4), name
 
 
 @pytest.mark.parametrize("stage", [1, 3])
