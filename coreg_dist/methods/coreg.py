@@ -85,12 +85,13 @@ class CoRegConfig:
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
-    u_in_candidates: bool = False     # true: U's co-guesses restricted to its candidate set, as
-                                      # the published method does not. Measured (README): once the
-                                      # split works, 70-80% of U has its true label outside S and
-                                      # the unrestricted guess is right for ~2/3 of those
-    # Off in the published method (0). A partial-CE term on the weak views of the batch (P and U)
-    # next to the pseudo-label losses: every sample keeps being pulled toward its candidate set
+    u_in_candidates: bool = False     # true: U's co-guesses restricted to its candidate set (the
+                                      # published method guesses over all classes). Measured
+                                      # (README): once the split works, 70-80% of U has its true
+                                      # label outside S and the unrestricted guess is right for
+                                      # ~2/3 of those
+    # Off in the published method (0). A partial-CE term on the weak views of the P batch (and of
+    # U with pce_unlabeled) next to the pseudo-label losses: each sample is pulled toward its set
     # while the networks are still weak, so Co-Reg never learns less than partial CE does on
     # short schedules of small collections (README: robustness).
     pce_weight: float = 1.0
@@ -271,8 +272,9 @@ class CoReg(Method):
                 for k in range(2):
                     p = F.softmax(self.forward(k, self.weak_one(item.part.x, item.generator(k))), 1)
                     sums[k] += p.sum(0).double().cpu().numpy()
-                Y = item.part.Y.double()
-                sums[2] += (Y / Y.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
+                if c.da_prior == "candidates":
+                    Y = item.part.Y.double()
+                    sums[2] += (Y / Y.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
                 n += len(item.part)
             sums, n = self.coll.sum(sums), self.coll.sum(n)
             mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
@@ -296,18 +298,20 @@ class CoReg(Method):
                     values[f"pred{k}"] = masked[Y > 0]            # per candidate, in class order
                     values[f"loss{k}"] = division_loss(p, Y)
                     values[f"plab{k}"] = masked.argmax(1).to(torch.int32)
-                    if c.divide_per_class:
-                        cls, loss = values[f"plab{k}"].cpu().numpy(), values[f"loss{k}"].cpu().numpy()
-                        ok = np.isfinite(loss)
-                        np.minimum.at(cls_lo[k], cls[ok], loss[ok])
-                        np.maximum.at(cls_hi[k], cls[ok], loss[ok])
                     hit = (values[f"plab{k}"] == part.true).to(torch.int8)
                     values[f"hit{k}"] = torch.where(known, hit, torch.full_like(hit, -1))
                     top = p.argmax(1)
                     values[f"uin{k}"] = (Y.gather(1, top[:, None])[:, 0] > 0).to(torch.int8)
                     uhit = (top == part.true).to(torch.int8)
                     values[f"uhit{k}"] = torch.where(known, uhit, torch.full_like(uhit, -1))
-            update.put(item.shard, part.keys, {n: v.cpu().numpy() for n, v in values.items()})
+            values = {n: v.cpu().numpy() for n, v in values.items()}
+            if c.divide_per_class and len(part):
+                for k in range(2):
+                    cls, loss = values[f"plab{k}"], values[f"loss{k}"]
+                    ok = np.isfinite(loss)
+                    np.minimum.at(cls_lo[k], cls[ok], loss[ok])
+                    np.maximum.at(cls_hi[k], cls[ok], loss[ok])
+            update.put(item.shard, part.keys, values)
             if item.last:
                 update.end_shard(item.shard)
         update.finish_sweep()
@@ -416,7 +420,7 @@ class CoReg(Method):
     # ------------------------------------------------------------------ plan
     def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
         B, N = self.cfg.train.batch_size, ctx.num_train
-        if self.in_warmup(epoch):     # [C] warm-up: all samples, batch 2x, one network after the other
+        if self.in_warmup(epoch):     # [C] warm-up: all samples, one network after the other
             WB = self.c.warmup_batch_factor * B
             return [PassSpec(f"warmup_net{k + 1}", k, steps=max(1, math.ceil(N / WB)),
                              routes=(Route("x", WB),)) for k in range(2)]
