@@ -30,7 +30,8 @@ from coreg_dist.labels import to_indices
 from coreg_dist.progress import progress
 from coreg_dist.shards.format import (CAND, FORMAT_VERSION, TOPI, TOPP, VOTES, Manifest,
                                       column_shard_path, image_shard_path, stats_path)
-from coreg_dist.shards.reader import ErrorLog, ShardReadError, decode_image, image_field, iter_tar
+from coreg_dist.shards.reader import (ErrorLog, KeyMismatchError, ShardReadError, decode_field,
+                                      decode_image, image_field, iter_tar)
 from coreg_dist.shards.writer import ShardWriter
 
 from annotate.provenance import (DONE, FAILED, PENDING, STALE, ColumnSpec, ShardState,
@@ -45,13 +46,19 @@ class Labeler(Protocol):
     needs_images: bool
     # Optional attributes (read with getattr):
     #   input_columns: Sequence[str]  columns this labeler reads per sample (e.g. a VLM prompted
-    #                                 with another column's candidates); their shards' content
-    #                                 hashes enter this column's hash
+    #                                 with another column's candidates, a merge of columns); their
+    #                                 shards' content hashes enter this column's hash, and label()
+    #                                 gets inputs=[{column: {field: value} | None}] (None: that
+    #                                 column has an error record for the sample)
+    #   needs_meta: bool              label() gets metas=[dict | None]: each image sample's `json`
+    #                                 (source path/URL, caption...), e.g. to import by source path
     #   batch_dependent: bool         the output depends on how samples are batched (synthetic:
     #                                 seeded per batch); the batch size enters the hash
 
-    def label(self, images: Optional[List], true: np.ndarray, keys: List[str]) -> Dict[str, np.ndarray]:
-        """Return at least "Y" (B, C) bool; optionally "probs" (B, d, C), "votes" (B, d),
+    def label(self, images: Optional[List], true: np.ndarray, keys: List[str],
+              **extra) -> Dict[str, np.ndarray]:
+        """`extra`: `inputs` and/or `metas` (see above) when the labeler asks for them.
+        Return at least "Y" (B, C) bool; optionally "probs" (B, d, C), "votes" (B, d),
         "topi"/"topp" (B, d, K), and "errors": B strings, non-empty for a sample that could not
         be labeled this time (a server error): it gets an error record, retried by redo_errors.
         Only Y, votes, topi, topp are stored."""
@@ -169,6 +176,8 @@ class _Item:
     label: int
     err: str
     kept: Optional[Dict] = None        # redo_errors: the record already in the column
+    inputs: Optional[Dict] = None      # {input column: decoded fields, or None for an error record}
+    meta: Optional[Dict] = None        # the image sample's json (labelers with needs_meta)
 
 
 def _take(out: Dict, idx: List[int]) -> Dict:
@@ -203,6 +212,11 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
     sums: List[Dict] = []
     t0 = time.time()
     counts = {"corrupt": 0, "label": 0, "err": 0, "truncated": 0}
+    # Columns this labeler reads: joined by key, 1:1 with the image shard (their markers were
+    # checked when the content hash was computed: ColumnSpec.inputs).
+    input_paths = {c: column_shard_path(root, c, name) for c in spec.input_columns}
+    input_iters = {c: iter_tar(p) for c, p in input_paths.items()}
+    needs_meta = bool(getattr(labeler, "needs_meta", False))
     with ShardWriter(dst) as w:
         batch: List[_Item] = []
 
@@ -212,8 +226,13 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
             records: Dict[int, Dict] = {}
             if todo:
                 true = np.array([batch[i].label for i in todo], dtype=np.int64)
+                extra = {}
+                if input_paths:
+                    extra["inputs"] = [batch[i].inputs for i in todo]
+                if needs_meta:
+                    extra["metas"] = [batch[i].meta for i in todo]
                 out = labeler.label([batch[i].img for i in todo] if labeler.needs_images else None,
-                                    true, [batch[i].key for i in todo])
+                                    true, [batch[i].key for i in todo], **extra)
                 errs = out.get("errors")
                 ok = [j for j in range(len(todo)) if errs is None or not errs[j]]
                 if ok:
@@ -244,9 +263,13 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
             batch.clear()
 
         try:
-            for key, fields in iter_tar(src):
+            for position, (key, fields) in enumerate(iter_tar(src)):
                 label = int(fields["cls"].decode()) if "cls" in fields else -1
                 img, err, kept = None, "", keep.get(key)
+                inputs = _next_inputs(input_iters, input_paths, src, key, position) \
+                    if input_iters else None
+                meta = decode_field("json", fields["json"]) if needs_meta and "json" in fields \
+                    else None
                 if labeler.needs_images and kept is None:
                     ext = image_field(fields)
                     try:
@@ -259,7 +282,7 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
                         err = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
                         errors.report("corrupt_image", name, key, err)
                         counts["corrupt"] += 1
-                batch.append(_Item(key, img, label, err, kept))
+                batch.append(_Item(key, img, label, err, kept, inputs, meta))
                 if len(batch) >= batch_size:
                     flush()
         except ShardReadError as exc:
@@ -279,6 +302,22 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
     w.commit(stats)
     _remove_leftovers(dst, t0)
     return w.count
+
+
+def _next_inputs(iters: Dict, paths: Dict[str, str], src: str, key: str,
+                 position: int) -> Dict[str, Optional[Dict]]:
+    """The input columns' record of `key` (decoded; None for an error record). A column shard
+    out of step with the image shard is a damaged dataset: stop, naming both files."""
+    out: Dict[str, Optional[Dict]] = {}
+    for col, it in iters.items():
+        item = next(it, None)
+        if item is None or item[0] != key:
+            got = None if item is None else item[0]
+            raise KeyMismatchError(f"key mismatch at position {position}: {src} has {key!r}, "
+                                   f"input column shard {paths[col]} has {got!r}")
+        fields = item[1]
+        out[col] = None if ERR in fields else {n: decode_field(n, b) for n, b in fields.items()}
+    return out
 
 
 def _remove_leftovers(dst: str, before: float) -> None:

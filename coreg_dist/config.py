@@ -121,6 +121,60 @@ class SyntheticConfig:
     seed: int = 0
 
 
+# Several phrasings of the question, each one annotator (as CLIP's templates are).
+VLM_PROMPTS = [
+    "What is in this image? Answer with one of the given class names.",
+    "Which of these best describes the main object in the photo?",
+    "Name the category of this image.",
+]
+
+
+@dataclass
+class VllmServerConfig:
+    """A vLLM OpenAI-compatible server started by the annotation task itself (one per SLURM
+    task/node, annotate/vllm_server.py): started, waited for (GET /health), stopped at the end."""
+    launch: bool = False              # start a server for this run; else use vlm.urls as they are
+    python: str = "python"            # the interpreter that has vllm installed (may be a venv's)
+    module: str = "vllm.entrypoints.openai.api_server"  # what `python -m` runs (tests: a fake)
+    model: str = ""                   # weights folder or hub name served (required with launch)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    gpus: int = 1                     # --tensor-parallel-size (0 on a CPU build)
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    extra_args: List[str] = field(default_factory=list)   # appended to the server's command line
+    startup_timeout_s: int = 900      # model download/compile included
+    log: str = ""                     # server log; "" = RUN/vllm-server-<task>.log
+
+
+@dataclass
+class VlmConfig:
+    """A vision chat model (LLaVA, ...) served by vLLM's OpenAI-compatible API as annotators:
+    each prompt is one annotator; answers constrained to the class names (structured_outputs)."""
+    column: str = "llava"             # the label column written
+    model: str = ""                   # the served model name (as /v1/models lists it)
+    urls: List[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    api_key: str = "EMPTY"
+    prompts: List[str] = field(default_factory=lambda: list(VLM_PROMPTS))
+    mode: str = "all"                 # all: choose among every class | topk: among the top-k of
+                                      # vlm.candidates_column ("CLIP proposes, the VLM chooses")
+    candidates_column: str = "clip"   # mode=topk: the column whose candidates/scores give the choices
+    topk: int = 5
+    image_size: int = 336             # longest side sent (resized, never enlarged)
+    image_format: str = "png"         # png | jpeg (base64 data URL)
+    temperature: float = 0.0
+    max_tokens: int = 0               # 0 = not sent (a too-small limit truncates a choice)
+    logprobs: bool = True             # the chosen answer's probability, stored as its score
+    max_concurrency: int = 64         # requests in flight per server URL
+    timeout_s: float = 60.0           # per request
+    max_retries: int = 5              # on timeouts, connection errors, 429 and 5xx
+    backoff_base_s: float = 0.5       # exponential backoff with full jitter
+    backoff_max_s: float = 30.0
+    batch_size: int = 256             # images per write batch (requests flow across batches)
+    splits: List[str] = field(default_factory=lambda: ["train", "test"])
+    server: VllmServerConfig = field(default_factory=VllmServerConfig)
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"       # small_cnn | preact_resnet18
@@ -187,6 +241,7 @@ class Config:
     embedded: EmbeddedClipConfig = field(default_factory=EmbeddedClipConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    vlm: VlmConfig = field(default_factory=VlmConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
