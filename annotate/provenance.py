@@ -31,7 +31,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from coreg_dist.io import atomic_write_json, read_json
 from coreg_dist.shards.format import (COLUMN_INFO, FORMAT_VERSION, FormatError, Manifest, column_dir,
-                                      column_shard_path, image_shard_path, stats_path)
+                                      column_shard_path, image_shard_identity,
+                                      stats_path)
 
 HASH_VERSION = 1
 LOCK_FILE = ".column.lock"
@@ -57,27 +58,6 @@ def content_provenance(labeler) -> Dict:
     """The part of a labeler's provenance that determines what it writes (hashed)."""
     fn = getattr(labeler, "content_provenance", None)
     return dict(fn() if fn is not None else labeler.provenance())
-
-
-def image_shard_identity(root: str, shard: str) -> Dict:
-    """The input image shard, content-derived and cheap: its commit marker's count, key range and
-    the tar's sha256 (recorded by ShardWriter at write time; older markers have none), plus the
-    tar's size. No mtime: a copy of the dataset keeps its columns valid."""
-    tar = image_shard_path(root, shard)
-    ident: Dict = {"name": shard}
-    marker = stats_path(tar)
-    if os.path.isfile(marker):
-        try:
-            m = read_json(marker)
-        except ValueError as exc:
-            raise FormatError(f"{marker}: image shard marker is not valid JSON ({exc})") from None
-        for k in ("n", "first_key", "last_key", "sha256"):   # sha256: shards written since it exists
-            if k in m:
-                ident[k] = m[k]
-    if not os.path.isfile(tar):
-        raise FormatError(f"image shard {shard} is missing: {tar}")
-    ident["bytes"] = os.path.getsize(tar)
-    return ident
 
 
 class ColumnSpec:

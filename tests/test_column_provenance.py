@@ -20,8 +20,9 @@ from annotate.labelers import ClipLabeler, SyntheticLabeler
 from annotate.provenance import (ColumnSpec, StaleColumnError, classify, column_lock,
                                  refresh_column_info)
 from coreg_dist.config import CLIP_TEMPLATES_27, load_config
-from coreg_dist.shards.format import (CAND, VOTES, FormatError, column_shard_path, image_shard_path,
-                                      read_column_info, read_manifest, stats_path)
+from coreg_dist.shards.format import (CAND, VOTES, FormatError, check_column_current,
+                                      column_shard_path, image_shard_path, read_column_info,
+                                      read_manifest, stats_path)
 from coreg_dist.shards.reader import ErrorLog, iter_joined, iter_tar
 from coreg_dist.shards.writer import ShardWriter
 from tests.helpers import ROOT, make_dataset, make_tiny_clip
@@ -324,7 +325,7 @@ class KeyLabeler:
     def __init__(self, fail=()):
         self.fail, self.calls = set(fail), []
 
-    def label(self, images, true, keys):
+    def label(self, images, true, keys, **extra):
         self.calls.extend(keys)
         Y = np.zeros((len(keys), 4), bool)
         for i, k in enumerate(keys):
@@ -422,6 +423,65 @@ def test_an_input_columns_content_enters_the_hash(syn_ds):
     with pytest.raises(FormatError, match="input column 'nothing' has no committed shard train-000000"):
         ColumnSpec(root, m, "vlm2", type("R2", (KeyLabeler,), {"input_columns": ("nothing",)})()
                    ).hash("train-000000")
+
+
+def test_a_labeler_reads_its_input_columns_and_the_image_json_joined_by_key(syn_ds):
+    root, ov, _ = syn_ds
+    annotate_synthetic(load_config(None, ov))
+    m = read_manifest(root)
+    want = {s["key"]: s["synthetic"] for s in iter_joined(root, "train", ["synthetic"],
+                                                          errors=ErrorLog(**QUIET))}
+
+    class Reader(KeyLabeler):
+        input_columns, needs_meta = ("synthetic",), True
+        seen = {}
+
+        def label(self, images, true, keys, inputs=None, metas=None):
+            assert metas is not None and len(metas) == len(keys)
+            for k, inp in zip(keys, inputs):
+                self.seen[k] = inp["synthetic"]
+            return super().label(images, true, keys)
+
+    r = Reader()
+    write_column(root, m, "derived", ["train"], r, batch_size=5)
+    assert sorted(r.seen) == sorted(want) and len(want) == 48
+    assert all(np.array_equal(r.seen[k][CAND], want[k][CAND]) for k in want)
+
+
+def test_training_refuses_a_mixed_or_outdated_column(syn_ds):
+    """check_column_current (train/trainer.py calls it): one labeler configuration per column,
+    labeled from the image shards there now, derived from the input columns as they are."""
+    root, ov, _ = syn_ds
+    shards = [f"train-00000{i}" for i in range(3)]
+    annotate_synthetic(load_config(None, ov))
+    check_column_current(root, "synthetic", shards)
+    m = read_manifest(root)
+
+    class Reader(KeyLabeler):
+        input_columns = ("synthetic",)
+
+    write_column(root, m, "derived", ["train"], Reader())
+    check_column_current(root, "derived", shards)
+    # an overwrite with another q, only task 0 of 2 done: two configurations in one column
+    annotate_synthetic(load_config(None, ov + ["synthetic.q=0.5", "annotator.overwrite=true"]),
+                       task_index=0, num_tasks=2)
+    with pytest.raises(FormatError, match=r"column 'synthetic' mixes two labeler configurations: "
+                                          r"shard train-000000 .* shard train-000001"):
+        check_column_current(root, "synthetic", shards)
+    with pytest.raises(FormatError, match=r"column 'derived' shard train-000000 was derived from "
+                                          r"input column 'synthetic' as it was before"):
+        check_column_current(root, "derived", shards)
+    annotate_synthetic(load_config(None, ov + ["synthetic.q=0.5", "annotator.overwrite=true"]))
+    check_column_current(root, "synthetic", shards)
+    path = image_shard_path(root, "train-000002")
+    samples = list(iter_tar(path))
+    with ShardWriter(path) as w:             # the images re-ingested after labeling
+        for i, (k, f) in enumerate(samples):
+            w.write(k, dict(f, png=f["png"] + b"\0") if i == 0 else f)
+    w.commit({"split": "train"})
+    with pytest.raises(FormatError, match=r"column 'synthetic' shard train-000002 was labeled from "
+                                          r"another version of image shard .*sha256"):
+        check_column_current(root, "synthetic", shards)
 
 
 # ---------------------------------------------------------------------- SLURM array ordinal

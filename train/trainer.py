@@ -32,8 +32,8 @@ from coreg_dist.dist import init_distributed
 from coreg_dist.engines import build_engine, full_parameters, uneven_forwards
 from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
 from coreg_dist.progress import progress
-from coreg_dist.shards.format import (FormatError, Manifest, read_column_info, read_manifest,
-                                      require_column_shards)
+from coreg_dist.shards.format import (FormatError, Manifest, check_column_current,
+                                      read_column_info, read_manifest, require_column_shards)
 from coreg_dist.shards.reader import ErrorLog, image_field, iter_tar
 from coreg_dist.state import StateStore
 from train.checkpoint import (check_engine, check_resumable, find_checkpoint, kept_state_versions,
@@ -122,7 +122,9 @@ class Trainer:
         self.K = manifest.num_classes
         self.source = ShardSource(root, cfg.data.shard_url)
         if not cfg.data.shard_url:
-            require_column_shards(root, cfg.train.column, [s.name for s in manifest.shards("train")])
+            train_shards = [s.name for s in manifest.shards("train")]
+            require_column_shards(root, cfg.train.column, train_shards)
+            check_column_current(root, cfg.train.column, train_shards)
         self.transform = image_transform(cfg, self.source, manifest)
         self.image_shape = self.transform.shape
         d, W = cfg.data, coll.world_size

@@ -85,6 +85,76 @@ def require_column_shards(root: str, column: str, shards) -> None:
                           "missing; run the annotator for it")
 
 
+def image_shard_identity(root: str, shard: str) -> Dict:
+    """The input image shard, content-derived and cheap: its commit marker's count, key range and
+    the tar's sha256 (recorded by ShardWriter at write time; older markers have none), plus the
+    tar's size. No mtime: a copy of the dataset keeps its columns valid."""
+    tar = image_shard_path(root, shard)
+    ident: Dict = {"name": shard}
+    marker = stats_path(tar)
+    if os.path.isfile(marker):
+        try:
+            m = read_json(marker)
+        except ValueError as exc:
+            raise FormatError(f"{marker}: image shard marker is not valid JSON ({exc})") from None
+        for k in ("n", "first_key", "last_key", "sha256"):   # sha256: shards written since it exists
+            if k in m:
+                ident[k] = m[k]
+    if not os.path.isfile(tar):
+        raise FormatError(f"image shard {shard} is missing: {tar}")
+    ident["bytes"] = os.path.getsize(tar)
+    return ident
+
+
+def check_column_current(root: str, column: str, shards) -> None:
+    """Refuse a column that was not produced as one piece from these images, before training
+    reads it: its committed shards' markers must record one labeler configuration
+    (`provenance_hash`: a half-finished overwrite, or two configurations written into one column,
+    would otherwise train on a silent mixture), each must have been labeled from the image shard
+    that is there now (count, key range, sha256, size), and a derived column (merge, VLM top-k)
+    from the input columns' current shards. Markers from before content hashes are not checked.
+    Reads only the small JSON markers; the error names the column, the shard and what differs."""
+    first = None
+    for shard in shards:
+        marker = stats_path(column_shard_path(root, column, shard))
+        try:
+            m = read_json(marker)
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{marker}: unreadable column marker ({exc})") from None
+        ph, inputs = m.get("provenance_hash"), m.get("content_inputs") or {}
+        if not ph:
+            continue
+        if first is None:
+            first = (shard, ph)
+        elif ph != first[1]:
+            raise FormatError(
+                f"column '{column}' mixes two labeler configurations: shard {first[0]} has "
+                f"provenance {first[1][:12]}, shard {shard} has {ph[:12]} (an overwrite not finished, "
+                f"or another configuration written into the same column); finish it "
+                f"(`coreg-annotate status`, annotator.overwrite=true) or write to another column")
+        recorded = inputs.get("image_shard")
+        if recorded:
+            now = image_shard_identity(root, shard)
+            diff = [k for k in ("n", "first_key", "last_key", "sha256", "bytes")
+                    if k in recorded and recorded.get(k) != now.get(k)]
+            if diff:
+                raise FormatError(
+                    f"column '{column}' shard {shard} was labeled from another version of image "
+                    f"shard {image_shard_path(root, shard)} ({', '.join(diff)} differ); relabel it "
+                    f"(annotator.overwrite=true)")
+        for col, h in (inputs.get("input_columns") or {}).items():
+            src = stats_path(column_shard_path(root, col, shard))
+            try:
+                cur = read_json(src).get("content_hash")
+            except (OSError, ValueError):
+                cur = None
+            if cur != h:
+                raise FormatError(
+                    f"column '{column}' shard {shard} was derived from input column '{col}' as it "
+                    f"was before ({src} now records {str(cur)[:12]}, the derivation used "
+                    f"{h[:12]}); rerun the derivation (annotator.overwrite=true)")
+
+
 @dataclass
 class ShardEntry:
     name: str
