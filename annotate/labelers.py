@@ -1,7 +1,7 @@
 """The labelers that write candidate columns: CLIP prompt templates, and synthetic NPLL.
 
-A labeler maps a batch to per-sample fields (see annotate/columns.py); the LLaVA labeler
-served through vLLM's OpenAI-compatible API will be a third one with the same interface.
+A labeler maps a batch to per-sample fields (see annotate/columns.py); the VLM labeler (LLaVA
+served through vLLM's OpenAI-compatible API) is annotate/vlm_labeler.py, with the same interface.
 """
 from __future__ import annotations
 

@@ -21,15 +21,14 @@ task to finish leaves it complete.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from coreg_dist.io import atomic_write_json, read_json
+from coreg_dist.io import atomic_write_json, file_lock, read_json
 from coreg_dist.shards.format import (COLUMN_INFO, FORMAT_VERSION, FormatError, Manifest, column_dir,
                                       column_shard_path, image_shard_identity,
                                       stats_path)
@@ -284,6 +283,14 @@ def split_summary(states: Sequence[ShardState]) -> Dict:
                 "shards_legacy": sum(1 for s in done if s.legacy),
                 "error_records": sum(s.error_records for s in done),
                 "shards_with_errors": sum(1 for s in done if s.has_errors)})
+    # The labeler's own counts (VLM abstentions and retries, import matches, merge fallbacks).
+    extra: Dict[str, float] = {}
+    for s in done:
+        for k, v in (s.marker.get("labeler_stats") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                extra[k] = extra.get(k, 0) + v
+    if extra:
+        out["labeler_stats"] = dict(sorted(extra.items()))
     return out
 
 
@@ -298,22 +305,9 @@ def column_info(spec: ColumnSpec, states: Dict[str, List[ShardState]]) -> Dict:
             "provenance": spec.provenance, "splits": splits}
 
 
-@contextlib.contextmanager
-def column_lock(root: str, column: str) -> Iterator[None]:
-    """An exclusive lock on the column folder (flock). Where the filesystem has no locks the
-    write still happens: column.json is derived, so any later task or rerun corrects it."""
-    folder = column_dir(root, column)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
-    finally:
-        os.close(fd)   # releases the lock
+def column_lock(root: str, column: str):
+    """An exclusive lock on the column folder (ROOT/columns/<column>/.column.lock)."""
+    return file_lock(os.path.join(column_dir(root, column), LOCK_FILE))
 
 
 def refresh_column_info(spec: ColumnSpec, splits: Sequence[str]) -> Dict:
@@ -333,8 +327,9 @@ def stale_message(column: str, stale: Sequence[ShardState], root: str) -> str:
     return (f"column '{column}': shard {first.name} ({column_shard_path(root, column, first.name)}) "
             f"was written by another configuration or from other input: {first.reason}"
             + (f"; {len(more)} more shard(s) too: {names}" if more else "")
-            + f". Nothing was written. Use a new column name (annotator.column=NAME or "
-            f"synthetic.column=NAME), or annotator.overwrite=true to relabel the stale shards.")
+            + ". Nothing was written. Write to a new column (the command's column key: "
+            "annotator.column, synthetic.column, vlm.column, label_import.column or "
+            "merge.column), or set annotator.overwrite=true to relabel the stale shards.")
 
 
 __all__ = ["ColumnSpec", "ShardState", "StaleColumnError", "canonical_json", "classify",

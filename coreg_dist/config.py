@@ -48,11 +48,18 @@ class DataConfig:
     source_path: str = "/usr/share/datasets/fashion-mnist"
     name: str = ""                    # dataset name in the manifest; "" = from the source
     classes: List[str] = field(default_factory=list)  # class names, for sources without labels (wds)
-    shard_size: int = 5000            # samples per image shard
-    annotator_split: int = 1000       # reserved, disjoint split for building the embedded annotator
+    shard_size: int = 5000            # samples per image shard (wds sources: one shard per source shard)
+    annotator_split: int = -1         # reserved, disjoint split for building the embedded annotator;
+                                      # -1 = 1000 (0 for a wds source: it has no labels)
     train_pool: int = 0               # size of the training pool; 0 = everything left
-    test_size: int = 0                # 0 = the source's own test set (or 10% of a folder/wds source)
+    test_size: int = 0                # 0 = the source's own test set (or 10% of a folder source)
     image_format: str = "png"         # encoding for sources that give raw pixels (IDX)
+    # --- ingest (coreg_dist/data/ingest.py) ---
+    ingest_workers: int = 0           # processes that read, verify and write shards; 0 = in-process
+    keep_broken: bool = False         # keep undecodable images in the shards (named and counted either way)
+    allow_empty_classes: bool = False # a class folder without a decodable image: warn instead of stopping
+    wds_shard_in_key: bool = False    # wds keys `<source shard>_<__key__>`: for sources whose keys
+                                      # repeat across shards (img2dataset's never do)
     # --- training-time reading (coreg_dist/data/stream.py) ---
     shard_url: str = ""               # where shards are opened: "" = files under data.root; else a template
                                       # with {path} (relative to the dataset root) that webdataset's gopen
@@ -176,6 +183,39 @@ class VlmConfig:
 
 
 @dataclass
+class LabelImportConfig:
+    """Candidate sets from a file: `coreg-annotate import` (annotate/importer.py; the section is
+    not called `import`, a Python keyword)."""
+    path: str = ""                    # JSONL, CSV/TSV or parquet, one row per sample (required)
+    column: str = "imported"          # the label column written
+    format: str = "auto"              # auto (from the extension) | jsonl | csv | parquet
+    match: str = "key"                # what identifies a row's sample: key (__key__) | path | url
+                                      # (the image sample's json) | json.FIELD (any json field)
+    key_column: str = ""              # the file's identifier column; "" = named like the match
+    labels_column: str = "candidates" # the file's candidate-set column (= votes_column: their union)
+    votes_column: str = ""            # optional: one class per annotator, stored as votes.npy
+    labels_as: str = "auto"           # auto (ints are indices, strings names) | names | indices
+    list_separator: str = "|"         # CSV: "Coat|Shirt" (a cell starting with "[" is JSON)
+    csv_delimiter: str = ""           # "" = "," (tab for .tsv)
+    strip_prefix: str = ""            # removed from the file's identifiers before matching
+    duplicates: str = "error"         # error (name the rows) | union (join their sets)
+    on_bad_row: str = "error"         # error (stop, naming file and rows) | error_record
+    splits: List[str] = field(default_factory=lambda: ["train"])
+
+
+@dataclass
+class MergeConfig:
+    """Combine candidate columns: `coreg-annotate merge` (annotate/merge.py)."""
+    column: str = "merged"            # the label column written
+    inputs: List[str] = field(default_factory=list)   # the columns merged (required)
+    rule: str = "union"               # union | intersection | vote
+    min_votes: int = 2                # vote: a class needs this many annotators' votes
+    vote_fraction: float = 0.0        # vote: > 0 = this fraction of the sample's annotators instead
+    fallback: str = "union"           # the rule gives no class: union | first (input) | error
+    splits: List[str] = field(default_factory=lambda: ["train"])
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "small_cnn"       # small_cnn | preact_resnet18
     proj_dim: int = 128
@@ -242,6 +282,8 @@ class Config:
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     vlm: VlmConfig = field(default_factory=VlmConfig)
+    label_import: LabelImportConfig = field(default_factory=LabelImportConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)

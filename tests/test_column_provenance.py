@@ -125,7 +125,7 @@ def test_changed_templates_are_refused_naming_shard_column_and_change(clip_ds, c
     msg = str(e.value)
     assert "column 'clip'" in msg and "shard train-000000" in msg
     assert "labeler.templates" in msg and "labeler.num_templates (was 4, now 2)" in msg
-    assert "annotator.overwrite=true" in msg and "annotator.column=NAME" in msg
+    assert "annotator.overwrite=true" in msg and "annotator.column" in msg and "vlm.column" in msg
     assert "5 more shard(s)" in msg                    # 4 more train shards and the test shard
     assert snapshot(root, "clip") == before and read_column_info(root, "clip") == info
     # the command line: exit status 1 and the same message, nothing written
@@ -218,13 +218,18 @@ def test_two_processes_on_disjoint_shards_leave_a_correct_column_json(tmp_path):
     make_dataset(root, n_train=96, n_test=0, num_classes=4, shard_size=4, size=8)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = [subprocess.Popen([sys.executable, "-m", "annotate.cli", "synthetic", "--task-index", str(i),
-                               "--num-tasks", "2", f"data.root={root}", f"run.out_dir={tmp_path}/run{i}",
+                               "--num-tasks", "2", f"data.root={root}", f"run.out_dir={tmp_path}/run",
                                "synthetic.q=0.2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     for out in outs:
         assert "labeled 48 images in 12 shards" in out, out
+    # one run directory, one report per task (neither overwrites the other)
+    for i in (0, 1):
+        rep = json.load(open(tmp_path / "run" / f"synthetic_stats.task-{i}-of-2.json"))
+        assert rep["task"] == {"index": i, "count": 2}
+    assert not os.path.exists(tmp_path / "run" / "synthetic_stats.json")
     info = read_column_info(root, "synthetic")
     train = info["splits"]["train"]
     assert info["complete"] and train["shards_done"] == 24 and train["n_images"] == 96

@@ -570,7 +570,8 @@ def test_folder_of_mixed_sizes_and_modes_loses_no_image(tmp_path):
     from coreg_dist.data.ingest import ingest
     m = ingest(load_config(None, [f"data.root={root}", "data.source=folder",
                                   f"data.source_path={src}", "data.annotator_split=0",
-                                  "data.test_size=2", "data.shard_size=4", "run.seed=0"]))
+                                  "data.test_size=2", "data.shard_size=4", "run.seed=0",
+                                  "data.keep_broken=true"]))
     assert m.count("train") + m.count("test") == len(files) + 1      # ingest kept the corrupt file
     ctx = StreamContext(source=ShardSource(root), num_classes=m.num_classes,
                         transform=ImageTransform(size=32, channels=3), column="", state_version=-1)

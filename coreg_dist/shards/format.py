@@ -134,8 +134,11 @@ def check_column_current(root: str, column: str, shards) -> None:
                 f"(`coreg-annotate status`, annotator.overwrite=true) or write to another column")
         recorded = inputs.get("image_shard")
         if recorded:
+            # The image shard's marker fields only: a re-ingest rewrites the marker; a tar damaged
+            # after ingest (truncated: other size, same marker) is not another version, and the
+            # reader names and skips its unreadable tail.
             now = image_shard_identity(root, shard)
-            diff = [k for k in ("n", "first_key", "last_key", "sha256", "bytes")
+            diff = [k for k in ("n", "first_key", "last_key", "sha256")
                     if k in recorded and recorded.get(k) != now.get(k)]
             if diff:
                 raise FormatError(
