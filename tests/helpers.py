@@ -162,3 +162,20 @@ def make_tiny_clip(clip_dir: str, classes, image_size: int = 28, templates=None)
     CLIPProcessor(image_processor=build_image_processor(image_size, [0.3] * 3, [0.3] * 3),
                   tokenizer=tok).save_pretrained(clip_dir)
     return clip_dir
+
+
+def processes_with(*markers: str):
+    """pids of live processes (not zombies) whose command line contains every marker (a test's
+    tmp path is in every server it starts, and in no other process's)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if all(m in cmd for m in markers) and state != "Z":
+            pids.append(int(pid))
+    return pids

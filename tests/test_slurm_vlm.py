@@ -13,30 +13,13 @@ import time
 import pytest
 
 from coreg_dist.shards.format import column_shard_path, is_committed, read_column_info
-from tests.helpers import make_dataset
+from tests.helpers import make_dataset, processes_with
 from tests.test_slurm import FINISHED, job_info, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "slurm", "annotate.sbatch")
 COLUMN = "llava"
 STARTED = re.compile(r"vlm: started annotate\.fake_vllm serving 'fake' at http://127\.0\.0\.1:(\d+)/v1")
-
-
-def processes_with(marker: str):
-    """pids (not zombies) whose command line contains marker: the fake model path, which is in
-    every server's command line and in no other process's."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmd and "annotate.fake_vllm" in cmd and state != "Z":
-            pids.append(int(pid))
-    return pids
 
 
 @pytest.fixture
@@ -73,7 +56,7 @@ def test_vlm_mode_without_slurm_starts_and_stops_its_server(vlm_ds):
     assert len(ports) == 1 and ports[0] != "8000", out[-4000:]
     assert read_column_info(str(root), COLUMN)["complete"]
     assert "server stopped" in (tmp / "run" / "vllm-server-0.log").read_text()
-    assert not processes_with(marker)
+    assert not processes_with(marker, "annotate.fake_vllm")
 
 
 @pytest.mark.slow
@@ -107,13 +90,13 @@ def test_vlm_array_tasks_each_run_their_own_server(cluster, vlm_ds):
     assert info["splits"]["train"]["shards_done"] == 5 and info["splits"]["test"]["shards_done"] == 1
     for ordinal in range(3):
         assert "server stopped" in (tmp / "run" / f"vllm-server-{ordinal}.log").read_text()
-    assert not processes_with(marker)
+    assert not processes_with(marker, "annotate.fake_vllm")
     logs = submit("second")     # a rerun: servers start, every shard is skipped
     text = "".join(logs.values())
     assert len(STARTED.findall(text)) == 3 and "labeled" not in text, text[-4000:]
     assert "vlm: 0 images" in text                                 # nothing asked of the servers
     assert read_column_info(str(root), COLUMN) == info
-    assert not processes_with(marker)
+    assert not processes_with(marker, "annotate.fake_vllm")
     print(f"SLURM vlm array (3 tasks, twice): {time.monotonic() - t0:.1f} s")
 
 
@@ -139,9 +122,9 @@ def test_vlm_task_requeued_midway_leaves_no_server_and_resumes(cluster, vlm_ds):
                  "the first committed shard")
         assert job_info(task).get("JobState") == "RUNNING", log()[-4000:]
         done_before = shards_done(root)
-        assert 1 <= len(done_before) < 6 and processes_with(marker), log()[-4000:]
+        assert 1 <= len(done_before) < 6 and processes_with(marker, "annotate.fake_vllm"), log()[-4000:]
         subprocess.run(["scontrol", "requeue", task], check=True, timeout=30)
-        wait_for(lambda: not processes_with(marker), 30, "the killed task's server to exit")
+        wait_for(lambda: not processes_with(marker, "annotate.fake_vllm"), 30, "the killed task's server to exit")
         info = job_info(task)
         assert info.get("JobState") != "RUNNING" or info.get("Restarts") == "0", info
         final = wait_for(lambda: (lambda i: i if i.get("JobState") in FINISHED
@@ -158,7 +141,7 @@ def test_vlm_task_requeued_midway_leaves_no_server_and_resumes(cluster, vlm_ds):
     skipped = [int(n) for n in re.findall(r"(\d+) shards already done", rerun)]
     assert sum(skipped) >= len(done_before), rerun[-4000:]
     assert read_column_info(str(root), COLUMN)["complete"]
-    assert not processes_with(marker)
+    assert not processes_with(marker, "annotate.fake_vllm")
     print(f"SLURM vlm requeue: {time.monotonic() - t0:.1f} s")
 
 

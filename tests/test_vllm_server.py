@@ -19,6 +19,7 @@ import pytest
 
 from annotate.vllm_server import (VllmServer, VllmServerError, port_in_use, server_command)
 from coreg_dist.config import load_config
+from tests.helpers import processes_with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,24 +78,6 @@ def server_cfg(tmp_path, module, **kw):
             "vlm.server.startup_timeout_s=30"]
     over += [f"vlm.server.{k}={v}" for k, v in kw.items()]
     return load_config(None, over).vlm.server
-
-
-def processes_with(marker: str):
-    """pids whose command line contains marker (the test's tmp path is in every server's)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmd and state != "Z":
-            pids.append(int(pid))
-    return pids
 
 
 def wait_gone(marker, timeout=15.0):
