@@ -999,19 +999,11 @@ def package_version(name: str) -> str:
 
 def machine_lines(a, backends: List[str] = ()) -> List[str]:
     import torch
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [f"machine: {platform.node()}, {os.cpu_count()} CPUs ({aff} usable) {model or platform.processor()}, "
+    from coreg_dist.runtime import cpu_description
+    return [f"machine: {platform.node()}, {cpu_description()} at start, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
             f"(CPU)" + (f", deepspeed {package_version('deepspeed')}, accelerate {package_version('accelerate')}"
-                        if backends else "")
-            + f", load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start",
+                        if backends else ""),
             f"threads: run.threads={a.threads} for the machine, split over the ranks by setup_process "
             f"(1 process: {a.threads}, 2 processes: {max(1, a.threads // 2)} each); DataLoader workers: 0"]
 

@@ -69,17 +69,9 @@ def start_server(name: str, slots: int, latency_s: float, log) -> tuple:
 
 
 def machine() -> str:
-    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     import openai
-    return (f"{platform.node()}: {os.cpu_count()} CPUs ({aff} usable) {model}, "
-            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start; "
+    from coreg_dist.runtime import cpu_description
+    return (f"{platform.node()}: {cpu_description()} at the start; "
             f"Python {platform.python_version()}, openai {openai.__version__}")
 
 

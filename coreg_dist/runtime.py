@@ -63,3 +63,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def cpu_description() -> str:
+    """'N CPUs (M usable) <model>, load average a b c' for benchmark headers: what a number was
+    measured on, and how busy the machine was when it started."""
+    import platform
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"{os.cpu_count()} CPUs ({usable} usable) {model or platform.processor()}, "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

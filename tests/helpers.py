@@ -94,6 +94,17 @@ def common(root, out, *extra):
             "coreg.warmup_batch_factor=2", *extra]
 
 
+def train_pce_briefly(root, out, column) -> dict:
+    """One epoch of partial CE on `column` (a column's readability end to end); its report."""
+    from train.cli import main as train_main
+
+    assert train_main([f"data.root={root}", f"run.out_dir={out}", f"train.column={column}",
+                       "train.method=pce", "train.epochs=1", "train.batch_size=8",
+                       "train.eval_batch_size=16", "data.streams=1", "data.shuffle_buffer=8",
+                       "train.lr_period=0", "run.threads=1"]) == 0
+    return json.load(open(os.path.join(out, "report.json")))
+
+
 def launch(cmd, expect=0, timeout=300, env=None):
     """Run a launcher command line from the repository root. expect: an exit status, or
     "killed" (stopped by train.stop_after_steps)."""

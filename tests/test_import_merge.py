@@ -21,7 +21,7 @@ from coreg_dist.shards.format import (CAND, VOTES, FormatError, check_column_cur
                                       column_shard_path, image_shard_path, read_column_info,
                                       read_manifest, stats_path)
 from coreg_dist.shards.reader import decode_field, iter_joined, iter_tar
-from tests.helpers import class_images, png
+from tests.helpers import class_images, png, train_pce_briefly
 
 CLASSES = ["boot", "coat", "dress", "shirt"]
 
@@ -254,19 +254,12 @@ def test_match_on_a_json_field_the_images_lack_is_refused_before_writing(ds, tmp
 def test_an_imported_column_trains(ds, tmp_path):
     """The training stream reads the column: partial CE for one epoch on the imported sets; the
     samples without a row (error records) are counted as missing labels, not trained on."""
-    from train.cli import main as train_main
-
     root, base, _, samples = ds
     keys = sorted(samples)
     rows = [{"key": k, "candidates": expected_set(i, samples[k][1])} for i, k in enumerate(keys[:-3])]
     f = write_rows(str(tmp_path / "sets.jsonl"), rows)
     assert main(["import", *base, f"label_import.path={f}", "label_import.column=mine"]) == 0
-    out = str(tmp_path / "train")
-    assert train_main([f"data.root={root}", f"run.out_dir={out}", "train.column=mine",
-                       "train.method=pce", "train.epochs=1", "train.batch_size=8",
-                       "train.eval_batch_size=16", "data.streams=1", "data.shuffle_buffer=8",
-                       "train.lr_period=0", "run.threads=1"]) == 0
-    rep = json.load(open(os.path.join(out, "report.json")))
+    rep = train_pce_briefly(root, str(tmp_path / "train"), "mine")
     assert rep["data_errors"]["counts"].get("missing_label") == 3
 
 

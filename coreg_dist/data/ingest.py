@@ -544,7 +544,10 @@ def _entries(markers: List[Dict]) -> Dict[str, List[ShardEntry]]:
 
 
 def _summary(root: str, m: Manifest, changed: bool, removed: Sequence[str], empty: Sequence[str],
-             ignored: int, left_out: int, seconds: float) -> None:
+             ignored: int, left_out: int, seconds: float, unit: str = "file",
+             changed_sources: Sequence[str] = ()) -> None:
+    """What an ingest did, for both source kinds: `unit` names what `removed` lists (folder
+    files, WebDataset source shards)."""
     counts = ", ".join(f"{s} {m.count(s)}" for s in m.splits)
     state = "manifest.json written" if changed else "manifest.json up to date"
     print(f"{m.name} at {root}: {counts} ({len(m.classes)} classes); {state} ({seconds:.1f}s)")
@@ -553,8 +556,11 @@ def _summary(root: str, m: Manifest, changed: bool, removed: Sequence[str], empt
         print(f"warning: class(es) without an image, kept (data.allow_empty_classes=true): "
               f"{_names(list(empty))}", file=sys.stderr)
     if removed:
-        print(f"warning: {len(removed)} ingested file(s) are no longer in the source; their samples "
-              f"are kept: {_names(list(removed))}", file=sys.stderr)
+        print(f"warning: {len(removed)} ingested {unit}(s) are no longer in the source; their "
+              f"samples are kept: {_names(list(removed))}", file=sys.stderr)
+    if changed_sources:
+        print(f"warning: {len(changed_sources)} source shard(s) changed size since they were "
+              f"ingested (kept as ingested): {_names(list(changed_sources))}", file=sys.stderr)
     if ignored:
         print(f"note: {ignored} file(s) without an image extension were ignored")
     if left_out:
@@ -711,13 +717,8 @@ def _ingest_wds(cfg, params: Dict, workers: int, manifest: Optional[Manifest],
             raise FormatError(f"no image could be ingested from data.source_path={d.source_path} "
                               "(the problems are listed above); manifest.json was not written")
         changed = _write_if_changed(d.root, out)
-    _summary(d.root, out, changed, [], [], 0, 0, time.time() - t0)
-    if removed:
-        print(f"warning: {len(removed)} ingested source shard(s) are gone from the source; their "
-              f"samples are kept: {_names(removed)}", file=sys.stderr)
-    if changed_src:
-        print(f"warning: {len(changed_src)} source shard(s) changed size since they were ingested "
-              f"(kept as ingested): {_names(changed_src)}", file=sys.stderr)
+    _summary(d.root, out, changed, removed, [], 0, 0, time.time() - t0, unit="source shard",
+             changed_sources=changed_src)
     return out
 
 
