@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import sys
@@ -28,6 +29,19 @@ def parse_args(argv: Optional[Sequence[str]], description: str,
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     return cfg, args
+
+
+def worker_context(*preload: str) -> multiprocessing.context.BaseContext:
+    """Where worker processes (DataLoader workers, ingest workers) come from: a fork server,
+    never a fork of the calling process. That process has threads (gloo's, the progress bar's,
+    TensorBoard's writer, the last loader's queue feeders); a child forked while one of them
+    holds the interpreter's thread-list lock waits for it forever inside fork() (seen: 1 run
+    in ~16 on 2 ranks with 2 loader workers each, stuck in CPython's PyOS_AfterFork_Child).
+    The server is a fresh single-threaded process that imports `preload` once (the first
+    caller's list), so each worker still starts in milliseconds."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
 
 
 def resolve_device(name: str) -> str:

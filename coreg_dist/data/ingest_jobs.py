@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
 import re
 import sys
@@ -29,6 +28,7 @@ from coreg_dist.shards.format import FormatError, stats_path
 from coreg_dist.shards.reader import ShardReadError, image_field, iter_tar
 from coreg_dist.shards.writer import ShardWriter
 from coreg_dist.progress import progress
+from coreg_dist.runtime import worker_context
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 # PIL names the stream it failed on: "cannot identify image file <_io.BytesIO object at 0x7f..>".
@@ -308,9 +308,9 @@ def run_jobs(jobs: Iterable, workers: int, total: Optional[int] = None,
                 results.append(job.run(tick))
                 tick.flush()
             return results, time.time() - t0, seen
-        # fork on Linux: a spawned worker re-imports webdataset and with it torch (1-2 s each);
-        # the workers run no torch or OpenMP code, so fork's usual hazards do not apply
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # a spawned worker would re-import webdataset and with it torch (1-2 s each): the fork
+        # server imports this module once and forks the workers from there
+        ctx = worker_context(__name__)
         counter = ctx.Value("q", 0)
         it = iter(jobs)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,

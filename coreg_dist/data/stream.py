@@ -46,6 +46,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as wds_shuffle
 
+from coreg_dist.runtime import worker_context
 from coreg_dist.data.transform import ImageDecodeError, ImageTransform
 from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR
 from coreg_dist.shards.reader import ShardReadError, decode_field, image_field, iter_tar_spans, read_spans
@@ -547,7 +548,7 @@ def _loader(dataset: IterableDataset, num_workers: int, prefetch: int) -> DataLo
     kw = dict(batch_size=None, num_workers=num_workers)
     if num_workers > 0:
         kw.update(prefetch_factor=max(1, prefetch), persistent_workers=False,
-                  multiprocessing_context="fork")
+                  multiprocessing_context=worker_context("torch", __name__))
     return DataLoader(dataset, **kw)
 
 
