@@ -184,6 +184,16 @@ def masked_prediction(probs: Tensor, Y: Tensor) -> Tensor:
                        uniform_S)
 
 
+def weigh_outside(probs: Tensor, Y: Tensor, lam: float) -> Tensor:
+    """``p_i * (Y_i + lam * (1 - Y_i))``, renormalised: classes outside S_i down-weighted by lam.
+    lam = 1 leaves p as is; lam = 0 is `masked_prediction` (with its fallbacks)."""
+    if lam <= 0:
+        return masked_prediction(probs, Y)
+    Yf = _as_float(Y, probs)
+    q = probs * (Yf + lam * (1 - Yf))
+    return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def refine_labeled(p_masked: Tensor, w: Tensor, probs_B_views: Views, T: float = 0.5) -> Tensor:
     """Pseudo-label of a P sample for network B [P][C].
 

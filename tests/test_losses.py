@@ -121,6 +121,17 @@ def test_masked_prediction_by_hand():
     np.testing.assert_allclose(out[2], [1 / 3, 1 / 3, 1 / 3], atol=1e-12)  # empty S -> uniform
 
 
+def test_weigh_outside_by_hand():
+    # lam .5: [.5*.5, .3, .2] = [.25, .3, .2] / .75; lam 1: unchanged; lam 0: masked_prediction
+    probs = t([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    Y = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    np.testing.assert_allclose(L.weigh_outside(probs, Y, 0.5).numpy()[0], [1 / 3, 0.4, 0.8 / 3], atol=1e-7)
+    np.testing.assert_allclose(L.weigh_outside(probs, Y, 0.5).numpy()[1], [1.0, 0.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(L.weigh_outside(probs, Y, 1.0).numpy(), probs.numpy(), atol=1e-7)
+    np.testing.assert_allclose(L.weigh_outside(probs, Y, 0.0).numpy(),
+                               L.masked_prediction(probs, Y).numpy(), atol=0)
+
+
 def test_refine_labeled_by_hand():
     # p' = 0.5*[0, .6, .4] + 0.5*mean([.2,.2,.6],[.4,.4,.2]) = [.15, .45, .40]
     # sharpen T=.5: squares [.0225, .2025, .16], sum .385

@@ -159,7 +159,7 @@ def test_gpu_preset_is_the_authors_fmnist_run():
     assert (c.sharpen_temperature, c.mixup_alpha, c.lambda_u, c.p_threshold) == (0.5, 4.0, 1.0, 0.5)
     assert (c.proto_weight, c.proto_temperature, c.proto_momentum) == (0.1, 0.3, 0.999)
     assert (c.cont_weight, c.cont_temperature, c.queue_size, c.moco_momentum) == (0.1, 0.07, 8192, 0.999)
-    assert c.distribution_alignment and not c.divide_per_class and not c.u_in_candidates
+    assert c.distribution_alignment and not c.divide_per_class and c.u_guess == "all"
     assert cfg.model.backbone == "preact_resnet18" and cfg.model.proj_dim == 128
     assert cfg.model.bf16 and cfg.model.channels_last and cfg.train.deterministic is False
     assert cfg.annotator.rule == "union_argmax" and len(cfg.annotator.templates) == 27

@@ -242,12 +242,25 @@ def test_shard_names_that_could_reach_a_shell_are_refused(dataset, tmp_path):
         read_manifest(root)
 
 
+def test_u_guess_outside_weight_from_the_split_totals():
+    """coreg.u_guess: the weight of classes outside S in U's co-guesses. adaptive: the share of
+    U whose prediction lies outside S, per network, from the committed totals."""
+    from types import SimpleNamespace
+
+    from coreg_dist.methods.coreg import CoReg
+
+    totals = {"u0_in": 30, "u0_out": 10, "u1_in": 0, "u1_out": 0}
+    weight = lambda mode, k: CoReg._u_outside_weight(SimpleNamespace(c=SimpleNamespace(u_guess=mode)), totals, k)
+    assert weight("adaptive", 0) == 0.25 and weight("adaptive", 1) == 1.0     # empty U: as published
+    assert weight("all", 0) == 1.0 and weight("candidates", 0) == 0.0
+
+
 def test_divide_per_class_normalises_within_each_pseudo_class(dataset, tmp_path):
     """coreg.divide_per_class: the division loss entering the GMM is min-max normalised within
     each pseudo-class (masked argmax), so every class spans [0, 1]; U's co-guesses may be kept
-    inside the candidate sets (coreg.u_in_candidates)."""
+    weighted toward the candidate sets (coreg.u_guess=adaptive)."""
     out = str(tmp_path / "pc")
-    train(cfg_for(dataset, out, "coreg.divide_per_class=true", "coreg.u_in_candidates=true",
+    train(cfg_for(dataset, out, "coreg.divide_per_class=true", "coreg.u_guess=adaptive",
                   "train.epochs=2", "coreg.warm_up=1"), "cpu")
     meta = json.load(open(os.path.join(latest(out), "meta.json")))
     folder = os.path.join(out, "state", f"v{meta['state_version']:05d}")

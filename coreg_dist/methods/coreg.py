@@ -40,7 +40,8 @@ from coreg_dist.gmm import fit_gmm_1d, posterior_low_mean
 from coreg_dist.losses import (co_guess_unlabeled, distribution_align, division_loss,
                                label_space_loss, linear_rampup, masked_prediction, minmax_normalize,
                                mixup, negative_entropy, noisy_supcon_loss, partial_ce,
-                               prototype_loss, refine_labeled, sharpen, update_prototypes)
+                               prototype_loss, refine_labeled, sharpen, update_prototypes,
+                               weigh_outside)
 from coreg_dist.methods.base import Batch, DataInfo, Method, StepOutput
 from coreg_dist.methods.registry import register_method
 from coreg_dist.state import FieldSpec
@@ -85,11 +86,12 @@ class CoRegConfig:
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
-    u_in_candidates: bool = False     # true: U's co-guesses restricted to its candidate set (the
-                                      # published method guesses over all classes). Measured
-                                      # (README): once the split works, 70-80% of U has its true
-                                      # label outside S and the unrestricted guess is right for
-                                      # ~2/3 of those
+    # U's co-guesses: all (the published method: over every class) | candidates (restricted to
+    # S) | adaptive (classes outside S weighted by lambda = the share of U whose prediction lies
+    # outside S at this epoch's co-divide: label-free, measured per network on every rank).
+    # Measured (README): restriction helps where U's sets mostly hold the label (CLIP top-3:
+    # 16% of U predicted outside S) and costs where they do not (CLIP union: 49%).
+    u_guess: str = "all"
     # Off in the published method (0). A partial-CE term on the weak views of the P batch (and of
     # U with pce_unlabeled) next to the pseudo-label losses: each sample is pulled toward its set
     # while the networks are still weak, so Co-Reg never learns less than partial CE does on
@@ -179,6 +181,9 @@ class CoReg(Method):
         if c.warmup_view not in ("strong", "weak") or c.warmup_batch_factor < 1:
             raise ConfigError(f"config keys 'coreg.warmup_view' / 'coreg.warmup_batch_factor': "
                               f"'{c.warmup_view}' / {c.warmup_batch_factor} (strong | weak; >= 1)")
+        if c.u_guess not in ("all", "candidates", "adaptive"):
+            raise ConfigError(f"config key 'coreg.u_guess': unknown value '{c.u_guess}' "
+                              f"(all | candidates | adaptive)")
         if c.da_prior not in ("uniform", "candidates"):
             raise ConfigError(f"config key 'coreg.da_prior': unknown prior '{c.da_prior}' "
                               "(uniform | candidates)")
@@ -188,6 +193,7 @@ class CoReg(Method):
         self.queues = [MoCoQueue(c.queue_size, cfg.model.proj_dim, device) for _ in self.nets]
         # [C] one set of prototypes shared by both networks; they start at zero.
         self.prototypes = torch.zeros(info.num_classes, cfg.model.proj_dim, device=device)
+        self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
         self._order = None
 
@@ -417,6 +423,14 @@ class CoReg(Method):
                     out[f"u_{side}_cand_acc_net{k + 1}"] = t[f"u{k}_{side}_hit"] / known
         return out
 
+    def _u_outside_weight(self, totals: Dict[str, int], k: int) -> float:
+        """Weight of the classes outside S in U's co-guesses (coreg.u_guess) for network k's
+        split: from the split's totals, so a resumed epoch gets the same value."""
+        if self.c.u_guess != "adaptive":
+            return 1.0 if self.c.u_guess == "all" else 0.0
+        n_in, n_out = totals.get(f"u{k}_in", 0), totals.get(f"u{k}_out", 0)
+        return n_out / (n_in + n_out) if n_in + n_out else 1.0
+
     # ------------------------------------------------------------------ plan
     def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
         B, N = self.cfg.train.batch_size, ctx.num_train
@@ -424,6 +438,7 @@ class CoReg(Method):
             WB = self.c.warmup_batch_factor * B
             return [PassSpec(f"warmup_net{k + 1}", k, steps=max(1, math.ceil(N / WB)),
                              routes=(Route("x", WB),)) for k in range(2)]
+        self.u_outside_weight = [self._u_outside_weight(ctx.totals, k) for k in range(2)]
         passes = []
         for b in range(2):
             a = 1 - b if self.c.cross_use else b
@@ -527,8 +542,8 @@ class CoReg(Method):
                     tu = co_guess_unlabeled(pa_u, pb_u, T=c.sharpen_temperature)
                 else:
                     tu = sharpen((pb_u[0] + pb_u[1]) / 2, c.sharpen_temperature)
-                if c.u_in_candidates:
-                    tu = masked_prediction(tu, pu.Y)
+                if c.u_guess != "all":
+                    tu = weigh_outside(tu, pu.Y, self.u_outside_weight[a])
 
         # --- label-space consistency: MixUp over two strong views of x and of u.
         net_b.train()
