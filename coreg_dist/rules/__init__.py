@@ -1,0 +1,1 @@
+"""Tensor-level loss and update rules of the baselines (PRODEN, CC, LWS, CR-DPLL, PiCO, PiCO+, ALIM, DivideMix), one function per rule, each citing its paper and its authors' code; the methods in coreg_dist/methods/ call them."""
