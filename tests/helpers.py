@@ -132,14 +132,19 @@ def model(run_dir):
     return torch.load(os.path.join(latest(run_dir), "model.pt"), weights_only=True)["method"]
 
 
-def state_by_key(run_dir, field):
+def state_by_key(run_dir, field, per_candidate=False):
+    """key -> value of `field` in the run's last state version (per_candidate: the sample's
+    array of per-candidate values)."""
     meta = json.load(open(os.path.join(latest(run_dir), "meta.json")))
     folder = os.path.join(run_dir, "state", f"v{meta['state_version']:05d}")
     out = {}
     for f in sorted(os.listdir(folder)):
         if f.endswith(".npz"):
             z = np.load(os.path.join(folder, f))
-            out.update(zip(z["__keys__"].tolist(), z[field].tolist()))
+            values = z[field]
+            if per_candidate:
+                values = np.split(values, np.cumsum(z["__ncand__"])[:-1])
+            out.update(zip(z["__keys__"].tolist(), list(values) if per_candidate else values.tolist()))
     return out
 
 

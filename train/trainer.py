@@ -43,6 +43,7 @@ from train.epoch_context import EpochContext, report_events, to_device_part
 from train.membership import TRAINER_FIELDS, build_initial_state
 from train.metrics_log import MetricsLogger, to_jsonable
 from train.preemption import Preempted, StopRequest
+from train.step_writes import StepWrites
 from train.report import format_gain, write_report
 
 
@@ -143,6 +144,8 @@ class Trainer:
                 raise ValueError(f"method {self.method.name}: state field {name!r} is the trainer's")
             fields[name] = spec
         self.store = StateStore(self.run_dir, fields)
+        self.step_writes = (StepWrites(self.store, self.method.step_state, coll.rank)
+                            if self.method.step_state else None)
         self.stream_ctx = StreamContext(source=self.source, num_classes=self.K, transform=self.transform,
                                         column=cfg.train.column, state_root=self.run_dir,
                                         state_version=-1, state_fields=tuple(fields.items()))
@@ -262,6 +265,8 @@ class Trainer:
             engine.backward(out.loss)
             engine.step()
             self.method.after_step(batch, out)
+            if out.writes:
+                self._log_writes(pi, data, out.writes)
             acc["compute_s"] += time.perf_counter() - t0
             acc["wait_s"] += data.wait_s
             acc["steps"] += 1
@@ -298,6 +303,19 @@ class Trainer:
         bar.close()
         if keys_log is not None:
             keys_log.close()
+
+    def _log_writes(self, pi: int, data, writes: Dict) -> None:
+        """A step's new per-sample rows -> this rank's write log, each row ordered by
+        (pass, step, stream)."""
+        if self.step_writes is None:
+            raise ValueError(f"method {self.method.name} returned state writes but declares no "
+                             "step_state fields")
+        for name, values in writes.items():
+            part = data.parts[name]
+            stream = np.repeat(np.asarray(data.streams, dtype=np.int64), data.sizes[name])
+            order = np.stack([np.full(len(part), pi), np.full(len(part), data.step), stream], 1)
+            self.step_writes.add(order, part.shards, part.keys, part.Y,
+                                 {f: v.detach().cpu().numpy() for f, v in values.items()})
 
     def _preempted(self, signum: int, where: str) -> None:
         raise Preempted(f"{StopRequest.name(signum)} received: checkpoint written at {where} "
@@ -365,6 +383,9 @@ class Trainer:
                 "epoch_record": to_jsonable(acc.get("record", {}))}
         with full_parameters(self.engines):
             model = {"method": self.method.state_dict(), "engines": [e.state_dict() for e in self.engines]}
+        if mid_epoch and self.step_writes is not None:
+            self.step_writes.flush()              # the checkpoint counts this rank's chunks
+            rank_extra = {**(rank_extra or {}), "writes_seq": self.step_writes.seq}
         rank_state = {"rng": rng_state(), "errors": self.errors.state_dict(),
                       "buffers": self.method.rank_buffers(),
                       "acc": {k: v for k, v in acc.items() if k != "record"}, **(rank_extra or {})}
@@ -414,9 +435,15 @@ class Trainer:
                 first_pass = int(resume["meta"]["pass_index"])
             acc["record"] = record
             passes = self.method.plan_epoch(epoch, ectx)
+            if self.step_writes is not None:
+                self.step_writes.begin_epoch(epoch, None if resume is None
+                                             else resume["rank"].get("writes_seq", 0))
             for pi in range(first_pass, len(passes)):
                 self._run_pass(epoch, pi, passes[pi], acc, resume if pi == first_pass else None)
             resume = None
+            if self.step_writes is not None:      # this epoch's step writes -> the next version
+                self.index = self.step_writes.apply(coll, self.version, self.index, self.train_sweep)
+                self.version = int(self.index["version"])
             result = self.evaluate()
             record.update(self._epoch_record(epoch, acc, result, time.time() - t0))
             samples_seen += acc["samples"]

@@ -9,6 +9,8 @@ checkpoints and logs; a method owns its networks and per-sample state and answer
                                      route into each batch part (a predicate on the state,
                                      e.g. "w2 > 0.5" = P of network 2)   -> [PassSpec]
   update(batch)                      the losses of one step             -> StepOutput
+                                     (with `writes`: new per-sample rows of `step_state`
+                                     fields, e.g. PRODEN's confidences, seen next epoch)
   after_step(batch, out)             updates after the optimizer step (EMA, queues, prototypes)
   predict_each(x)                    logits for evaluation
   state_dict() / load_state_dict()   everything but the optimizers and the per-sample state
@@ -100,6 +102,10 @@ class StepOutput:
     loss: torch.Tensor
     logs: Dict[str, float] = field(default_factory=dict)
     extra: Dict = field(default_factory=dict)      # what after_step needs
+    # New per-sample state rows of this step's samples (the fields in `Method.step_state`):
+    # {part: {field: (n, C) dense rows for a per-candidate field, (n, ...) otherwise}}. They are
+    # read back from the next epoch on (train/step_writes.py).
+    writes: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def per_stream(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], x: torch.Tensor,
@@ -113,6 +119,7 @@ def per_stream(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], x: t
 class Method:
     name = ""
     num_networks = 1
+    step_state: tuple = ()             # state fields its steps write (StepOutput.writes)
 
     def __init__(self, cfg, info: DataInfo, device: str, coll):
         self.cfg, self.info, self.device, self.coll = cfg, info, device, coll
