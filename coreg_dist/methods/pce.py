@@ -8,21 +8,13 @@ what candidate sets alone buy. The smallest example of the method interface (bas
 from __future__ import annotations
 
 from coreg_dist.losses import partial_ce
-from coreg_dist.methods.base import Batch, Method, StepOutput
+from coreg_dist.methods._confidence import SingleNetwork
+from coreg_dist.methods.base import Batch, StepOutput
 from coreg_dist.methods.registry import register_method
 
 
 @register_method("pce")
-class PartialCE(Method):
-    num_networks = 1
-
-    def __init__(self, cfg, info, device, coll):
-        super().__init__(cfg, info, device, coll)
-        self.net = self.make_network(cfg.run.seed)
-
-    def networks(self):
-        return [self.net]
-
+class PartialCE(SingleNetwork):
     def update(self, batch: Batch) -> StepOutput:
         self.net.train()
         part = batch.parts["x"]

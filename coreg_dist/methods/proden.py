@@ -15,46 +15,18 @@ Same backbone, weak augmentation, optimizer and schedule as every method here (t
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List
-
-import torch
-
-from coreg_dist.data.stream import PassSpec, Route
-from coreg_dist.methods.base import Batch, Method, StepOutput
+from coreg_dist.methods._confidence import ConfidenceMethod
+from coreg_dist.methods.base import Batch, StepOutput
 from coreg_dist.methods.registry import register_method
-from coreg_dist.rules.pll import proden_init, proden_loss, proden_update
-from coreg_dist.state import FieldSpec
+from coreg_dist.rules.pll import proden_loss, proden_update
 
 
 @register_method("proden")
-class Proden(Method):
-    num_networks = 1
-    step_state = ("conf",)
-
-    def __init__(self, cfg, info, device, coll):
-        super().__init__(cfg, info, device, coll)
-        self.net = self.make_network(cfg.run.seed)
-
-    def networks(self):
-        return [self.net]
-
-    def state_fields(self) -> Dict[str, FieldSpec]:
-        # NaN = not yet written: the row starts uniform over S (proden_init)
-        return {"conf": FieldSpec(dtype="float32", fill=float("nan"), per_candidate=True)}
-
-    def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
-        B = self.cfg.train.batch_size
-        return [PassSpec("train", 0, steps=max(1, math.ceil(ctx.num_train / B)),
-                         routes=(Route("x", B),), attach=("conf",))]
-
+class Proden(ConfidenceMethod):
     def update(self, batch: Batch) -> StepOutput:
         self.net.train()
         part = batch.parts["x"]
-        conf = part.attach["conf"].float()
-        fresh = torch.isnan(conf).any(1)
-        conf = torch.where(fresh[:, None], proden_init(part.Y).to(conf), conf)
         logits = self.forward(0, self.weak(batch, "x"))
-        loss = proden_loss(logits, conf)
+        loss = proden_loss(logits, self.confidence(part))
         return StepOutput(0, loss, {"loss/proden": loss.item()},
-                          writes={"x": {"conf": proden_update(logits, part.Y)}})
+                          writes=self.write(proden_update(logits, part.Y)))

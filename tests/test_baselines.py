@@ -1,0 +1,70 @@
+"""The baselines as methods of the one trainer: each trains end to end on real shards, keeps its
+per-sample state where its rule says (per candidate, or a dense (C,) row for LWS), and a
+baseline that writes its state after the optimizer step (LWS) resumes exactly."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from coreg_dist.config import load_config
+from coreg_dist.methods.registry import get_method
+from tests.helpers import common, latest, make_labeled_dataset, model, state_by_key
+from train.trainer import RunKilled, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_labeled_dataset(str(tmp_path_factory.mktemp("ds")), n_train=48, n_test=24)
+
+
+def _cfg(root, out, method, *extra):
+    # one stream: every sample comes round exactly once per epoch
+    return load_config(None, common(root, out, f"train.method={method}", "train.epochs=2",
+                                    "data.streams=1", "run.threads=1", *extra))
+
+
+@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll"])
+def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
+    out = str(tmp_path / method)
+    rep = train(_cfg(dataset, out, method), "cpu")
+    assert 0.0 <= rep["test_acc"] <= 1.0 and rep["epochs"] == 2
+    logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [l["epoch"] for l in logged] == [0, 1]
+    assert any(k.startswith("loss/") and np.isfinite(v) for k, v in logged[-1].items() if isinstance(v, float))
+    if not get_method(method).step_state:
+        return
+    dense = get_method(method).dense
+    conf = state_by_key(out, "conf", per_candidate=not dense)
+    assert len(conf) == 48
+    for row in conf.values():
+        row = np.asarray(row)
+        assert np.isfinite(row).all()                 # every sample was written
+        if dense:                                     # LWS: S part and the rest each sum to ~1
+            assert row.sum() == pytest.approx(2.0, abs=1e-4) or row.sum() == pytest.approx(1.0, abs=1e-4)
+        else:
+            assert row.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lws_writes_after_the_step_and_resumes_exactly(dataset, tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train(_cfg(dataset, full, "lws", "train.epochs=3"), "cpu")
+    with pytest.raises(RunKilled):        # 6 steps an epoch: killed in epoch 1, after step 8
+        train(_cfg(dataset, cut, "lws", "train.epochs=3", "train.stop_after_steps=10",
+                   "train.checkpoint_every=4"), "cpu")
+    assert json.load(open(os.path.join(latest(cut), "meta.json")))["mid_epoch"]
+    train(_cfg(dataset, cut, "lws", "train.epochs=3", "train.resume=latest", "train.checkpoint_every=4"), "cpu")
+    a, b = state_by_key(full, "conf"), state_by_key(cut, "conf")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    A, B = model(full), model(cut)
+    for name, t in A["nets"][0].items():
+        assert (t == B["nets"][0][name]).all(), name
+
+
+def test_method_sections_are_typed(dataset, tmp_path):
+    cfg = load_config(None, common(dataset, str(tmp_path), "train.method=cr_dpll", "cr_dpll.ramp_fraction=0.25",
+                                   "lws.lw_weight=2"))
+    assert cfg.cr_dpll.ramp_fraction == 0.25 and cfg.lws.lw_weight == 2.0
+    from coreg_dist.config import ConfigError
+    with pytest.raises(ConfigError, match="cr_dpll"):
+        load_config(None, common(dataset, str(tmp_path), "cr_dpll.no_such_key=1"))
