@@ -92,7 +92,7 @@ def test_grid_runs_skips_and_reruns_changed(tmp_path, capsys):
         assert cells[m] in row
     best = max(("pce", "coreg"), key=lambda m: aggs[("tiny_syn", m)]["test_acc_mean"])
     assert f"**{cells[best]}**" in row and row.count("**") == 2
-    assert re.search(r"\| 64 \| 2 \| - \| 1\.\d{3} \| \d+\.\d\d \|", row)   # images, epochs, zero-shot, |S|, eta
+    assert re.search(r"\| 64 \| 2 \| - \| - \| 1\.\d{3} \| \d+\.\d\d \|", row)   # images, epochs, zero-shot, tmpl-avg, |S|, eta
     for png in ("curves.png", "bars.png"):
         with open(os.path.join(wd, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
