@@ -24,10 +24,10 @@ def _cfg(root, out, method, *extra):
                                     "data.streams=1", "run.threads=1", *extra))
 
 
-@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll"])
+@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix"])
 def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
     out = str(tmp_path / method)
-    rep = train(_cfg(dataset, out, method), "cpu")
+    rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1"), "cpu")
     assert 0.0 <= rep["test_acc"] <= 1.0 and rep["epochs"] == 2
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["epoch"] for l in logged] == [0, 1]
@@ -68,3 +68,24 @@ def test_method_sections_are_typed(dataset, tmp_path):
     from coreg_dist.config import ConfigError
     with pytest.raises(ConfigError, match="cr_dpll"):
         load_config(None, common(dataset, str(tmp_path), "cr_dpll.no_such_key=1"))
+
+
+def test_dividemix_is_coreg_with_the_authors_switches(dataset, tmp_path, monkeypatch):
+    """DivideMix's defaults are its authors' (Train_cifar.py), and its MixUp mixes the weak views
+    its targets came from: no strong view is ever drawn; the prior penalty is logged."""
+    from coreg_dist.methods.base import Method
+
+    cfg = _cfg(dataset, str(tmp_path / "dm"), "dividemix", "dividemix.warm_up=1")
+    c = cfg.dividemix
+    assert (c.lambda_u, c.mixup_alpha, c.sharpen_temperature, c.p_threshold) == (25.0, 4.0, 0.5, 0.5)
+    assert (c.warmup_batch_factor, c.rampup_epochs, c.loss_history) == (2, 16, 1)
+    assert c.mixup and c.co_divide and c.cross_use and c.refine_labeled and c.co_guess_unlabeled
+    assert not (c.distribution_alignment or c.prototypes or c.contrastive or c.divide_per_class)
+    assert c.pce_weight == 0 and c.label_space_view == "weak" and c.divide_view == "none"
+
+    def no_strong(*a, **k):
+        raise AssertionError("DivideMix drew a strong view")
+    monkeypatch.setattr(Method, "strong", no_strong)
+    train(cfg, "cpu")
+    last = [json.loads(l) for l in open(os.path.join(str(tmp_path / "dm"), "metrics.jsonl"))][-1]
+    assert np.isfinite(last["loss/reg"]) and last["loss/reg"] >= 0     # KL(uniform || mean) >= 0

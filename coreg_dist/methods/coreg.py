@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,10 @@ class CoRegConfig:
     # where partial CE on weak views is at 70% (README). Weak views, one batch: as partial CE.
     warmup_view: str = "weak"         # weak | strong (the authors): the warm-up's augmentation
     warmup_batch_factor: int = 1      # warm-up batch = this x train.batch_size ([C] 2)
+    label_space_view: str = "strong"  # [C] strong: MixUp over two new strong views | weak: over
+                                      # the two weak views the pseudo-labels came from (DivideMix)
+    divide_view: str = "weak"         # the co-divide sweep's input: weak view | none (DivideMix's
+                                      # eval_train: the image as it is)
     # co-divide
     co_divide: bool = True            # false: every sample is P with w = 1
     distribution_alignment: bool = True
@@ -176,17 +180,19 @@ class CoReg(Method):
 
     def __init__(self, cfg, info: DataInfo, device: str, coll):
         super().__init__(cfg, info, device, coll)
-        c = cfg.coreg
+        c = getattr(cfg, self.name)   # this method's section: coreg, or a subclass's (dividemix)
         self.c = c
-        if c.warmup_view not in ("strong", "weak") or c.warmup_batch_factor < 1:
-            raise ConfigError(f"config keys 'coreg.warmup_view' / 'coreg.warmup_batch_factor': "
-                              f"'{c.warmup_view}' / {c.warmup_batch_factor} (strong | weak; >= 1)")
-        if c.u_guess not in ("all", "candidates", "adaptive"):
-            raise ConfigError(f"config key 'coreg.u_guess': unknown value '{c.u_guess}' "
-                              f"(all | candidates | adaptive)")
-        if c.da_prior not in ("uniform", "candidates"):
-            raise ConfigError(f"config key 'coreg.da_prior': unknown prior '{c.da_prior}' "
-                              "(uniform | candidates)")
+        for key, value, allowed in (("warmup_view", c.warmup_view, ("strong", "weak")),
+                                    ("label_space_view", c.label_space_view, ("strong", "weak")),
+                                    ("divide_view", c.divide_view, ("weak", "none")),
+                                    ("u_guess", c.u_guess, ("all", "candidates", "adaptive")),
+                                    ("da_prior", c.da_prior, ("uniform", "candidates"))):
+            if value not in allowed:
+                raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
+                                  f"({' | '.join(allowed)})")
+        if c.warmup_batch_factor < 1:
+            raise ConfigError(f"config key '{self.name}.warmup_batch_factor': {c.warmup_batch_factor} "
+                              "(>= 1)")
         # Two networks, same architecture, different initialisation, one engine each.
         self.nets = [self.make_network(cfg.run.seed * 2 + 1), self.make_network(cfg.run.seed * 2 + 2)]
         self.keys = [self._key_encoder(n) for n in self.nets]
@@ -276,7 +282,7 @@ class CoReg(Method):
                 if not len(item.part):
                     continue
                 for k in range(2):
-                    p = F.softmax(self.forward(k, self.weak_one(item.part.x, item.generator(k))), 1)
+                    p = F.softmax(self.forward(k, self._divide_input(item.part.x, item.generator(k))), 1)
                     sums[k] += p.sum(0).double().cpu().numpy()
                 if c.da_prior == "candidates":
                     Y = item.part.Y.double()
@@ -297,7 +303,7 @@ class CoReg(Method):
                 cover = Y[torch.arange(len(part), device=Y.device), part.true.clamp_min(0)] > 0
                 values["cover"] = torch.where(known, cover.to(torch.int8), torch.full_like(cover, -1, dtype=torch.int8))
                 for k in range(2):
-                    p = F.softmax(self.forward(k, self.weak_one(part.x, item.generator(k))), 1)
+                    p = F.softmax(self.forward(k, self._divide_input(part.x, item.generator(k))), 1)
                     if mean[k] is not None:
                         p = distribution_align(p, prior=prior, mean=mean[k])
                     masked = masked_prediction(p, Y)
@@ -423,6 +429,13 @@ class CoReg(Method):
                     out[f"u_{side}_cand_acc_net{k + 1}"] = t[f"u{k}_{side}_hit"] / known
         return out
 
+    def _divide_input(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.weak_one(x, gen) if self.c.divide_view == "weak" else x
+
+    def regularizer(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """An extra term on the label-space logits (every mixed row); none in Co-Reg."""
+        return None
+
     def _u_outside_weight(self, totals: Dict[str, int], k: int) -> float:
         """Weight of the classes outside S in U's co-guesses (coreg.u_guess) for network k's
         split: from the split's totals, so a resumed epoch gets the same value."""
@@ -547,8 +560,11 @@ class CoReg(Method):
 
         # --- label-space consistency: MixUp over two strong views of x and of u.
         net_b.train()
-        xs = [self.strong(batch, "x"), self.strong(batch, "x")]
-        us = [self.strong(batch, "u"), self.strong(batch, "u")] if has_u else []
+        if c.label_space_view == "weak":
+            xs, us = xw, (uw if has_u else [])
+        else:
+            xs = [self.strong(batch, "x"), self.strong(batch, "x")]
+            us = [self.strong(batch, "u"), self.strong(batch, "u")] if has_u else []
         inputs = torch.cat(xs + us)
         targets = torch.cat([tx, tx] + ([tu, tu] if has_u else []))
         if c.mixup:
@@ -568,6 +584,10 @@ class CoReg(Method):
                                         targets[nl:] if has_u else targets[:0],
                                         c.lambda_u, ramp)
         logs = {"loss/x": lx.item(), "loss/u": lu.item()}
+        reg = self.regularizer(logits)
+        if reg is not None:
+            loss = loss + reg
+            logs["loss/reg"] = reg.item()
         if c.pce_weight > 0:
             with_u = has_u and c.pce_unlabeled
             weak_views = torch.cat([xw[0]] + ([uw[0]] if with_u else []))
