@@ -10,7 +10,7 @@ import pytest
 from coreg_dist.config import load_config
 from coreg_dist.methods.registry import get_method
 from tests.helpers import common, latest, make_labeled_dataset, model, state_by_key
-from train.trainer import RunKilled, train
+from train.trainer import RunKilled, image_transform, train
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,76 @@ def test_dividemix_is_coreg_with_the_authors_switches(dataset, tmp_path, monkeyp
     train(cfg, "cpu")
     last = [json.loads(l) for l in open(os.path.join(str(tmp_path / "dm"), "metrics.jsonl"))][-1]
     assert np.isfinite(last["loss/reg"]) and last["loss/reg"] >= 0     # KL(uniform || mean) >= 0
+
+
+class TwoTemplateScores:
+    """A labeler with scores: two 'templates' that put 0.7 / 0.9 on the true class and the rest on
+    the next class; candidate set = both. Written through write_column, as the CLIP annotator."""
+    needs_images = False
+
+    def __init__(self, num_classes):
+        self.C = num_classes
+
+    def label(self, images, true, keys):
+        other = (true + 1) % self.C
+        Y = np.zeros((len(true), self.C), dtype=bool)
+        Y[np.arange(len(true)), true] = Y[np.arange(len(true)), other] = True
+        topi = np.stack([np.stack([true, other], 1)] * 2, 1).astype(np.int16)        # (B, 2, 2)
+        topp = np.tile(np.array([[0.7, 0.3], [0.9, 0.1]], dtype=np.float16), (len(true), 1, 1))
+        return {"Y": Y, "topi": topi, "topp": topp}
+
+    def provenance(self):
+        return {"annotator": "two-template test scores"}
+
+
+@pytest.fixture(scope="module")
+def scored(dataset):
+    from annotate.columns import write_column
+    from coreg_dist.shards.format import read_manifest
+    manifest = read_manifest(dataset)
+    write_column(dataset, manifest, "scored", ["train"], TwoTemplateScores(manifest.num_classes))
+    return dataset
+
+
+def test_soft_labels_are_the_annotators_mean_and_kd_trains_on_them(scored, tmp_path):
+    from coreg_dist.data.stream import ShardSource, StreamContext, iterate_sweep
+    from coreg_dist.shards.format import read_manifest
+
+    cfg = _cfg(scored, str(tmp_path / "kd"), "kd", "train.column=scored")
+    manifest = read_manifest(scored)
+    source = ShardSource(scored, "")
+    ctx = StreamContext(source=source, num_classes=manifest.num_classes, column="scored",
+                        transform=image_transform(cfg, source, manifest), soft_labels=True)
+    shards = [s.name for s in manifest.shards("train")]
+    n = 0
+    for b in iterate_sweep(ctx, shards, 16, image_shape=ctx.transform.shape):
+        for row, t in zip(b.part.soft, b.part.true):
+            # mean of (0.7, 0.3) and (0.9, 0.1) on (true, true + 1): 0.8 / 0.2 (float16 scores)
+            assert row[t] == pytest.approx(0.8, abs=1e-3) and row[(t + 1) % 4] == pytest.approx(0.2, abs=1e-3)
+            assert row.sum() == pytest.approx(1.0, abs=1e-5)
+            n += 1
+    assert n == 48
+    rep = train(cfg, "cpu")
+    assert rep["method"] == "kd" and 0 <= rep["test_acc"] <= 1
+
+
+def test_kd_refuses_a_column_without_scores(dataset, tmp_path):
+    with pytest.raises(ValueError, match="no topi.npy/topp.npy .* column 'synthetic'"):
+        train(_cfg(dataset, str(tmp_path / "kd"), "kd"), "cpu")
+
+
+def test_kd_loss_by_hand():
+    """T = 1: CE with the soft target; T = 2: 4 * CE(sharpen(q, 2), softmax(z / 2))."""
+    import torch
+    from coreg_dist.rules.pll import proden_loss
+    from coreg_dist.losses import sharpen
+    z = torch.tensor([[0.0, np.log(3.0)]])          # softmax = (1/4, 3/4)
+    q = torch.tensor([[0.5, 0.5]])
+    # -(0.5 ln 1/4 + 0.5 ln 3/4) = ln 4 - 0.5 ln 3
+    assert proden_loss(z, q).item() == pytest.approx(np.log(4) - 0.5 * np.log(3), abs=1e-6)
+    q2 = torch.tensor([[0.2, 0.8]])                  # sharpen T=2: sqrt -> (0.447, 0.894)/1.342
+    s = np.sqrt([0.2, 0.8]) / np.sqrt([0.2, 0.8]).sum()
+    p = np.exp(np.array([0.0, np.log(3) / 2]))
+    p = p / p.sum()
+    want = 4 * -(s * np.log(p)).sum()
+    assert (proden_loss(z / 2, sharpen(q2, 2.0)) * 4).item() == pytest.approx(want, abs=1e-5)

@@ -32,8 +32,9 @@ def to_device_part(part, device: str) -> BatchPart:
     x = torch.from_numpy(part.images).to(device, non_blocking=True).float().div_(255.0)
     Y = None if part.Y is None else torch.from_numpy(part.Y).to(device).float()
     attach = {n: torch.from_numpy(np.ascontiguousarray(a)).to(device) for n, a in part.attach.items()}
+    soft = None if part.soft is None else torch.from_numpy(part.soft).to(device)
     return BatchPart(x=x, Y=Y, true=torch.from_numpy(part.true).to(device), keys=part.keys,
-                     attach=attach)
+                     attach=attach, soft=soft)
 
 
 def report_events(errors: ErrorLog, events, rank: int) -> None:

@@ -26,7 +26,8 @@ import torch
 
 from coreg_dist.config import Config, save_config, to_dict
 from coreg_dist.data.stream import (PassSpec, ShardSource, StreamContext, StreamPlan, iterate_pass,
-                                    iterate_sweep, plan_streams, rank_streams, sweep_shards)
+                                    iterate_sweep, plan_streams, rank_streams, require_scores,
+                                    sweep_shards)
 from coreg_dist.data.transform import ImageTransform, channels_for_mode, probe_image
 from coreg_dist.dist import init_distributed
 from coreg_dist.engines import build_engine, full_parameters, uneven_forwards
@@ -148,7 +149,10 @@ class Trainer:
                             if self.method.step_state else None)
         self.stream_ctx = StreamContext(source=self.source, num_classes=self.K, transform=self.transform,
                                         column=cfg.train.column, state_root=self.run_dir,
-                                        state_version=-1, state_fields=tuple(fields.items()))
+                                        state_version=-1, state_fields=tuple(fields.items()),
+                                        soft_labels=self.method.soft_labels)
+        if self.method.soft_labels:
+            require_scores(self.stream_ctx, manifest.shards("train")[0].name)
         train_counts = {s.name: s.n for s in manifest.shards("train")}
         self.train_sweep = sweep_shards(train_counts, coll.rank, W, cfg.run.seed)
         test_counts = {s.name: s.n for s in manifest.shards("test")}

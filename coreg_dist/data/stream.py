@@ -48,7 +48,8 @@ from webdataset.filters import _shuffle as wds_shuffle
 
 from coreg_dist.runtime import worker_context
 from coreg_dist.data.transform import ImageDecodeError, ImageTransform
-from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR
+from coreg_dist.labels import expand_top_few
+from coreg_dist.shards.format import CAND, COLUMN_DIR, IMAGE_DIR, TOPI, TOPP
 from coreg_dist.shards.reader import ShardReadError, decode_field, image_field, iter_tar_spans, read_spans
 from coreg_dist.state import FieldSpec, ShardState, StateStore
 
@@ -128,6 +129,7 @@ class StreamContext:
     state_root: str = ""                          # RUN directory of the per-sample state
     state_version: int = -1                       # -1: no state (evaluation, the init scan)
     state_fields: Tuple[Tuple[str, FieldSpec], ...] = ()
+    soft_labels: bool = False                     # read the column's scores: Part.soft (KD)
 
 
 def _source_of(fields: Dict[str, bytes]) -> str:
@@ -145,15 +147,16 @@ SPAN_FIELDS = ("img_start", "img_end", "col_start", "col_end")   # byte spans th
 
 
 def _read_column(ctx: StreamContext, shard: str,
-                 errors: List[ErrorEvent]) -> Optional[Dict[str, Tuple[bytes, int, int]]]:
-    """key -> (cand.npy bytes, span) of one column shard (a shard's labels are small);
+                 errors: List[ErrorEvent]) -> Optional[Dict[str, Tuple[Dict[str, bytes], int, int]]]:
+    """key -> (the label fields wanted, span) of one column shard (a shard's labels are small);
     None if the shard cannot be read at all."""
-    out: Dict[str, Tuple[bytes, int, int]] = {}
+    out: Dict[str, Tuple[Dict[str, bytes], int, int]] = {}
     url = ctx.source.column(ctx.column, shard)
+    keep = (CAND, TOPI, TOPP) if ctx.soft_labels else (CAND,)
     try:
         for key, fields, start, end in iter_tar_spans(url):
             if CAND in fields:
-                out[key] = (fields[CAND], start, end)
+                out[key] = ({k: fields[k] for k in keep if k in fields}, start, end)
     except ShardReadError as exc:
         errors.append(("truncated_shard", shard, exc.last_key or "", url, str(exc)))
     except Exception as exc:          # missing file, dead server, failing pipe command
@@ -162,9 +165,41 @@ def _read_column(ctx: StreamContext, shard: str,
     return out
 
 
-def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes], cand_bytes,
-            row: int, errors: List[ErrorEvent]) -> Optional[Dict]:
-    """A raw sample from its image fields and candidate bytes; None (reported) if unusable."""
+def _no_scores(ctx: StreamContext, where: str) -> ValueError:
+    return ValueError(f"no {TOPI}/{TOPP} (per-annotator scores) in column '{ctx.column}' ({where}): "
+                      "soft labels need a column written with scores (a CLIP column with "
+                      "annotator.store_topk > 0, or a VLM column with vlm.logprobs)")
+
+
+def require_scores(ctx: StreamContext, shard: str) -> None:
+    """Before training on soft labels: the column's first record of `shard` has scores."""
+    url = ctx.source.column(ctx.column, shard)
+    for _, fields, _, _ in iter_tar_spans(url):
+        if TOPI not in fields or TOPP not in fields:
+            raise _no_scores(ctx, url)
+        return
+
+
+def _soft_label(ctx: StreamContext, label: Dict[str, bytes], cand: np.ndarray) -> np.ndarray:
+    """The annotators' average distribution (C,) from the stored top-few scores (classes an
+    annotator did not store count as 0), renormalised; uniform over S where nothing was scored."""
+    if TOPI not in label or TOPP not in label:
+        raise _no_scores(ctx, "a record without them")
+    idx = np.asarray(decode_field(TOPI, label[TOPI]), dtype=np.int64)
+    val = np.asarray(decode_field(TOPP, label[TOPP]), dtype=np.float32)
+    val = np.where(idx >= 0, val, 0.0)                    # -1: the annotator gave no answer
+    soft = expand_top_few(np.clip(idx, 0, None), val, ctx.num_classes).reshape(-1, ctx.num_classes).mean(0)
+    total = soft.sum()
+    if not total > 0:
+        soft = np.zeros(ctx.num_classes, dtype=np.float32)
+        soft[cand] = 1.0 / len(cand)
+        return soft
+    return (soft / total).astype(np.float32)
+
+
+def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes],
+            label: Optional[Dict[str, bytes]], row: int, errors: List[ErrorEvent]) -> Optional[Dict]:
+    """A raw sample from its image fields and label fields; None (reported) if unusable."""
     src = _source_of(fields)
     ext = image_field(fields)
     if ext is None:
@@ -179,15 +214,17 @@ def _sample(ctx: StreamContext, shard: str, key: str, fields: Dict[str, bytes], 
         except ValueError as exc:
             errors.append(("bad_label", shard, key, src, f"cls field: {exc}"))
             cls = -1
-    cand = None
+    cand, soft = None, None
     if ctx.column:
         try:   # sorted and unique: the order per-candidate state values follow
-            cand = np.unique(np.asarray(decode_field(CAND, cand_bytes), dtype=np.int64).reshape(-1))
+            cand = np.unique(np.asarray(decode_field(CAND, label[CAND]), dtype=np.int64).reshape(-1))
         except Exception as exc:
             errors.append(("bad_candidates", shard, key, src, f"cand.npy: {exc}"))
             return None
+        if ctx.soft_labels:
+            soft = _soft_label(ctx, label, cand)       # a column without scores: a ValueError
     return {"key": key, "shard": shard, "data": fields[ext], "ext": ext, "cls": cls,
-            "cand": cand, "row": row, "src": src}
+            "cand": cand, "soft": soft, "row": row, "src": src}
 
 
 def join_shard(ctx: StreamContext, shard: str, errors: List[ErrorEvent],
@@ -269,7 +306,7 @@ def _join_by_span(ctx: StreamContext, shard: str, errors: List[ErrorEvent], stat
             if ctx.column and CAND not in lfields:
                 errors.append(("missing_label", shard, key, _source_of(fields), f"no cand.npy in {col_url}"))
                 continue
-            s = _sample(ctx, shard, key, fields, lfields.get(CAND), r, errors)
+            s = _sample(ctx, shard, key, fields, lfields if ctx.column else None, r, errors)
             if s is not None:
                 yield s
     except ShardReadError as exc:
@@ -327,6 +364,7 @@ class Part:
     keys: List[str]
     shards: List[str]
     attach: Dict[str, np.ndarray] = field(default_factory=dict)
+    soft: Optional[np.ndarray] = None           # (n, K) float32 annotator distributions (soft_labels)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -335,6 +373,7 @@ class Part:
     def concat(parts: Sequence["Part"]) -> "Part":
         return Part(images=np.concatenate([p.images for p in parts]),
                     Y=None if parts[0].Y is None else np.concatenate([p.Y for p in parts]),
+                    soft=None if parts[0].soft is None else np.concatenate([p.soft for p in parts]),
                     true=np.concatenate([p.true for p in parts]),
                     keys=[k for p in parts for k in p.keys], shards=[s for p in parts for s in p.shards],
                     attach={n: np.concatenate([p.attach[n] for p in parts]) for n in parts[0].attach})
@@ -373,8 +412,12 @@ def _collate(ctx: StreamContext, samples: List[Dict], attach: Sequence[str],
         else:
             out[name] = np.stack([s["attach"][name] for s in samples]) \
                 if n else np.zeros((0,) + specs[name].shape, dtype=specs[name].dtype)
+    soft = None
+    if ctx.column and ctx.soft_labels:
+        soft = (np.stack([s["soft"] for s in samples]) if n else np.zeros((0, K), dtype=np.float32))
     return Part(images=images, Y=Y, true=np.asarray([s["cls"] for s in samples], dtype=np.int64),
-                keys=[s["key"] for s in samples], shards=[s["shard"] for s in samples], attach=out)
+                keys=[s["key"] for s in samples], shards=[s["shard"] for s in samples], attach=out,
+                soft=soft)
 
 
 def _apply_fixed(sample: Dict, state: Optional[ShardState]) -> Dict:

@@ -80,6 +80,7 @@ class BatchPart:
     true: torch.Tensor                 # (n,) long, -1 unknown (logging only, never learning)
     keys: List[str]
     attach: Dict[str, torch.Tensor] = field(default_factory=dict)
+    soft: Optional[torch.Tensor] = None  # (n, K) the annotators' mean distribution (soft_labels)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -120,6 +121,7 @@ class Method:
     name = ""
     num_networks = 1
     step_state: tuple = ()             # state fields its steps write (StepOutput.writes)
+    soft_labels = False                # true: batches carry the column's scores (BatchPart.soft)
 
     def __init__(self, cfg, info: DataInfo, device: str, coll):
         self.cfg, self.info, self.device, self.coll = cfg, info, device, coll
