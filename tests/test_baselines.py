@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from coreg_dist.config import load_config
 from coreg_dist.methods.registry import get_method
@@ -24,10 +25,10 @@ def _cfg(root, out, method, *extra):
                                     "data.streams=1", "run.threads=1", *extra))
 
 
-@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix"])
+@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix", "pico"])
 def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
     out = str(tmp_path / method)
-    rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1"), "cpu")
+    rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1", "pico.queue_size=32"), "cpu")
     assert 0.0 <= rep["test_acc"] <= 1.0 and rep["epochs"] == 2
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["epoch"] for l in logged] == [0, 1]
@@ -46,19 +47,27 @@ def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
             assert row.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_lws_writes_after_the_step_and_resumes_exactly(dataset, tmp_path):
+@pytest.mark.parametrize("method", ["lws", "pico"])
+def test_stateful_baseline_resumes_exactly(dataset, tmp_path, method):
+    """LWS writes its state after the optimizer step; PiCO also keeps a key encoder, a queue
+    and prototypes: a run killed mid-epoch and resumed ends where the uninterrupted one does."""
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    train(_cfg(dataset, full, "lws", "train.epochs=3"), "cpu")
+    extra = ("train.epochs=3", "pico.queue_size=32")
+    train(_cfg(dataset, full, method, *extra), "cpu")
     with pytest.raises(RunKilled):        # 6 steps an epoch: killed in epoch 1, after step 8
-        train(_cfg(dataset, cut, "lws", "train.epochs=3", "train.stop_after_steps=10",
+        train(_cfg(dataset, cut, method, *extra, "train.stop_after_steps=10",
                    "train.checkpoint_every=4"), "cpu")
     assert json.load(open(os.path.join(latest(cut), "meta.json")))["mid_epoch"]
-    train(_cfg(dataset, cut, "lws", "train.epochs=3", "train.resume=latest", "train.checkpoint_every=4"), "cpu")
-    a, b = state_by_key(full, "conf"), state_by_key(cut, "conf")
+    train(_cfg(dataset, cut, method, *extra, "train.resume=latest", "train.checkpoint_every=4"), "cpu")
+    dense = get_method(method).dense
+    a, b = state_by_key(full, "conf", not dense), state_by_key(cut, "conf", not dense)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     A, B = model(full), model(cut)
     for name, t in A["nets"][0].items():
         assert (t == B["nets"][0][name]).all(), name
+    if method == "pico":
+        assert torch.equal(A["prototypes"], B["prototypes"]) and A["prototypes"].abs().sum() > 0
+        assert torch.equal(A["queue"]["feats"], B["queue"]["feats"])
 
 
 def test_method_sections_are_typed(dataset, tmp_path):

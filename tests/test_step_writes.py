@@ -127,13 +127,21 @@ def test_proden_confidences_move_and_resume_exactly(dataset, tmp_path):
         assert (t == B["nets"][0][name]).all(), name
 
 
-def test_proden_on_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["proden", "pico"])
+def test_step_writing_methods_on_two_ranks_equal_one_process(tmp_path, method):
+    """PRODEN: the step writes of two ranks; PiCO: also its gathered contrast set, queue and
+    prototypes."""
     root = make_labeled_dataset(str(tmp_path / "ds"), n_train=64, n_test=24)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["train.method=proden", "train.epochs=2", "model.sync_bn=true"]
+    args = [f"train.method={method}", "train.epochs=2", "model.sync_bn=true", "pico.queue_size=32"]
     from train.cli import main as train_main
     assert train_main(common(root, one, *args, "run.threads=1")) == 0
     torchrun(2, common(root, two, *args))
     a, b = conf_by_key(one), conf_by_key(two)
     assert a.keys() == b.keys() and len(a) == 64
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-4
+    if method == "pico":
+        A, B = model(one), model(two)
+        assert (A["prototypes"] - B["prototypes"]).abs().max() < 1e-4
+        assert A["queue"]["filled"] == B["queue"]["filled"] > 0
+        assert (A["queue"]["feats"] - B["queue"]["feats"]).abs().max() < 1e-4

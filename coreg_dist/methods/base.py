@@ -172,6 +172,38 @@ class Method:
         """Weak view of a sweep batch (one generator: the shard's)."""
         return weak_augment(x, pad=self.cfg.train.crop_pad, flip=self.info.flip, generator=gen)
 
+    # ------------------------------------------------------------------ global batches
+    def _canonical(self, batch: Batch, parts: List[str]):
+        """(order, anchors) for `parts`, cached per pass: `order` reorders an all-gathered batch
+        the way one process holds it; `anchors` = where this rank's rows land in it."""
+        from coreg_dist.methods._moco import canonical_order
+
+        key = (id(batch.spec), tuple(parts))
+        cache = getattr(self, "_order", None)
+        if cache is None or cache[0] is not batch.spec:
+            cache = self._order = (batch.spec, {})
+        if key not in cache[1]:
+            W, r = self.coll.world_size, self.coll.rank
+            per = {p: batch.sizes[p][0] for p in parts}
+            order = canonical_order(per, parts, batch.rng.n_streams, W)
+            where = torch.empty_like(order)
+            where[order] = torch.arange(len(order))
+            n = len(order) // W
+            cache[1][key] = (order.to(self.device), where[r * n:(r + 1) * n].to(self.device))
+        return cache[1][key]
+
+    def gather_rows(self, t: torch.Tensor, batch: Batch, parts: List[str], grad: bool = False) -> torch.Tensor:
+        """All ranks' rows of `parts` (t: this rank's, in part then stream order), in the order
+        one process would hold them: queue and prototype updates do not depend on the world size."""
+        out = self.coll.all_gather(t, grad=grad)
+        if not self.coll.distributed:
+            return out
+        return out[self._canonical(batch, parts)[0]]
+
+    def own_rows(self, batch: Batch, parts: List[str]) -> Optional[torch.Tensor]:
+        """Where this rank's rows sit in `gather_rows`' result (None in one process)."""
+        return self._canonical(batch, parts)[1] if self.coll.distributed else None
+
     def forward(self, k: int, x: torch.Tensor, with_proj: bool = False, module: nn.Module = None):
         return self.engines[k].forward(x, with_proj=with_proj, module=module)
 

@@ -25,7 +25,6 @@ the global batch, prototypes and queues are updated with every rank's samples in
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -42,6 +41,7 @@ from coreg_dist.losses import (co_guess_unlabeled, distribution_align, division_
                                mixup, negative_entropy, noisy_supcon_loss, partial_ce,
                                prototype_loss, refine_labeled, sharpen, update_prototypes,
                                weigh_outside)
+from coreg_dist.methods._moco import MoCoQueue, copy_to_key, ema_to_key, key_encoder
 from coreg_dist.methods.base import Batch, DataInfo, Method, StepOutput
 from coreg_dist.methods.registry import register_method
 from coreg_dist.state import FieldSpec
@@ -127,53 +127,6 @@ class CoRegConfig:
 
 
 
-class MoCoQueue:
-    """A ring buffer of keys with their hard pseudo-labels and P/U flags."""
-
-    def __init__(self, size: int, dim: int, device: str):
-        self.feats = torch.zeros(size, dim, device=device)
-        self.labels = torch.zeros(size, dtype=torch.long, device=device)
-        self.is_p = torch.zeros(size, dtype=torch.bool, device=device)
-        self.ptr, self.filled, self.size = 0, 0, size
-
-    def view(self):
-        n = self.filled
-        return (self.feats[:n], self.labels[:n], self.is_p[:n]) if n else (None, None, None)
-
-    @torch.no_grad()
-    def push(self, feats, labels, is_p) -> None:
-        n = min(len(feats), self.size)
-        feats, labels, is_p = feats[-n:], labels[-n:], is_p[-n:]
-        idx = (self.ptr + torch.arange(n, device=self.feats.device)) % self.size
-        self.feats[idx], self.labels[idx], self.is_p[idx] = feats, labels, is_p
-        self.ptr = (self.ptr + n) % self.size
-        self.filled = min(self.filled + n, self.size)
-
-    def state_dict(self):
-        return {"feats": self.feats, "labels": self.labels, "is_p": self.is_p,
-                "ptr": self.ptr, "filled": self.filled}
-
-    def load_state_dict(self, s):
-        self.feats.copy_(s["feats"]), self.labels.copy_(s["labels"]), self.is_p.copy_(s["is_p"])
-        self.ptr, self.filled = int(s["ptr"]), int(s["filled"])
-
-
-def canonical_order(per_stream: Dict[str, int], parts: List[str], n_streams: int, world: int) -> torch.Tensor:
-    """Index that reorders an all-gathered batch (rank by rank: each rank's parts, each part
-    stream by stream) into the order one process holding every stream has (part by part,
-    stream by stream), so that queue and prototype updates do not depend on the world size."""
-    local = n_streams // world
-    rank_rows = sum(per_stream[p] * local for p in parts)
-    idx = []
-    for p in parts:
-        part_off = sum(per_stream[q] * local for q in parts[:parts.index(p)])
-        for s in range(n_streams):
-            r, j = s % world, s // world
-            start = r * rank_rows + part_off + j * per_stream[p]
-            idx.extend(range(start, start + per_stream[p]))
-    return torch.as_tensor(idx, dtype=torch.long)
-
-
 @register_method("coreg", config=CoRegConfig)
 class CoReg(Method):
     num_networks = 2
@@ -195,13 +148,12 @@ class CoReg(Method):
                               "(>= 1)")
         # Two networks, same architecture, different initialisation, one engine each.
         self.nets = [self.make_network(cfg.run.seed * 2 + 1), self.make_network(cfg.run.seed * 2 + 2)]
-        self.keys = [self._key_encoder(n) for n in self.nets]
+        self.keys = [key_encoder(n) for n in self.nets]
         self.queues = [MoCoQueue(c.queue_size, cfg.model.proj_dim, device) for _ in self.nets]
         # [C] one set of prototypes shared by both networks; they start at zero.
         self.prototypes = torch.zeros(info.num_classes, cfg.model.proj_dim, device=device)
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
-        self._order = None
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -221,28 +173,13 @@ class CoReg(Method):
         return fields
 
     # ------------------------------------------------------------------ helpers
-    def _key_encoder(self, net):
-        key = copy.deepcopy(net)
-        for p in key.parameters():
-            p.requires_grad_(False)
-        return key
-
     @torch.no_grad()
     def _copy_to_key(self, k: int) -> None:
-        with self.engines[k].full_parameters():       # whole on every rank, even under ZeRO-3
-            for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
-                pk.copy_(pq)
-        for bk, bq in zip(self.keys[k].buffers(), self.nets[k].buffers()):
-            bk.copy_(bq)
+        copy_to_key(self.engines[k], self.keys[k], self.nets[k])
 
     @torch.no_grad()
     def _ema_key(self, k: int) -> None:
-        m = self.c.moco_momentum
-        with self.engines[k].full_parameters():
-            for pk, pq in zip(self.keys[k].parameters(), self.nets[k].parameters()):
-                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
-        for bk, bq in zip(self.keys[k].buffers(), self.nets[k].buffers()):
-            bk.copy_(bq)
+        ema_to_key(self.engines[k], self.keys[k], self.nets[k], self.c.moco_momentum)
 
     def networks(self):
         return self.nets
@@ -468,9 +405,6 @@ class CoReg(Method):
                                    attach=(f"w{a}", f"pred{a}")))
         return passes
 
-    def begin_pass(self, spec: PassSpec) -> None:
-        self._order = None
-
     # ------------------------------------------------------------------ update
     def update(self, batch: Batch) -> StepOutput:
         if self.in_warmup(self.epoch):
@@ -485,29 +419,6 @@ class CoReg(Method):
         lce = partial_ce(logits, batch.parts["x"].Y)
         loss = lce + negative_entropy(logits) if self.c.warmup_neg_entropy else lce
         return StepOutput(k, loss, {"loss/warmup": loss.item(), "loss/pce": lce.item()})
-
-    def _canonical(self, batch: Batch, parts: List[str]):
-        """(order, anchors) for `parts`, cached per pass: `order` reorders an all-gathered batch
-        the way one process holds it; `anchors` = where this rank's rows land in it."""
-        key = tuple(parts)
-        if self._order is None:
-            self._order = {}
-        if key not in self._order:
-            W, r = self.coll.world_size, self.coll.rank
-            per = {p: batch.sizes[p][0] for p in parts}
-            order = canonical_order(per, parts, batch.rng.n_streams, W)
-            where = torch.empty_like(order)
-            where[order] = torch.arange(len(order))
-            n = len(order) // W
-            self._order[key] = (order.to(self.device), where[r * n:(r + 1) * n].to(self.device))
-        return self._order[key]
-
-    def _gather(self, t: torch.Tensor, batch: Batch, parts: List[str], grad: bool = False) -> torch.Tensor:
-        """All ranks' rows of `parts`, in the order one process would hold them."""
-        out = self.coll.all_gather(t, grad=grad)
-        if not self.coll.distributed:
-            return out
-        return out[self._canonical(batch, parts)[0]]
 
     def _mixup_perm(self, batch: Batch, has_u: bool) -> torch.Tensor:
         """One permutation per stream over that stream's rows of [x_s1, x_s2, u_s1, u_s2]."""
@@ -614,17 +525,17 @@ class CoReg(Method):
                 self.keys[b].train()
                 _, keys = self.forward(b, torch.cat([xs[1]] + ([us[1]] if has_u else [])),
                                        with_proj=True, module=self.keys[b])
-            keys_all = self._gather(keys, batch, parts)
-            hard_all = self._gather(hard, batch, parts)
-            is_p_all = self._gather(is_p, batch, parts)
+            keys_all = self.gather_rows(keys, batch, parts)
+            hard_all = self.gather_rows(hard, batch, parts)
+            is_p_all = self.gather_rows(is_p, batch, parts)
             extra.update(keys=keys_all, hard=hard_all, is_p=is_p_all)
             if feats_on:
                 # queries: strong view 1 with gradient, gathered with it: the contrast set is the
                 # global batch, as on one device; keys: EMA encoder on strong view 2.
                 _, q = self.forward(b, torch.cat([xs[0]] + ([us[0]] if has_u else [])), with_proj=True)
-                q_all = self._gather(q, batch, parts, grad=True)
+                q_all = self.gather_rows(q, batch, parts, grad=True)
                 qf, ql, qp = self.queues[b].view()
-                anchors = self._canonical(batch, parts)[1] if self.coll.distributed else None
+                anchors = self.own_rows(batch, parts) if self.coll.distributed else None
                 lc = noisy_supcon_loss(q_all, keys_all, qf, hard_all, is_p_all, ql, qp,
                                        T=c.cont_temperature, noisy=c.noisy_contrastive,
                                        anchor_idx=anchors)
@@ -641,8 +552,8 @@ class CoReg(Method):
             return
         c, e = self.c, out.extra
         if c.prototypes:              # weak-view features of the P samples, every rank's
-            z = self._gather(e["z_weak"], batch, ["x"])
-            t = self._gather(e["tx"], batch, ["x"])
+            z = self.gather_rows(e["z_weak"], batch, ["x"])
+            t = self.gather_rows(e["tx"], batch, ["x"])
             self.prototypes = update_prototypes(self.prototypes, z, t, m=c.proto_momentum)
         if c.contrastive:
             self.queues[e["b"]].push(e["keys"], e["hard"], e["is_p"])

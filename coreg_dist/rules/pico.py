@@ -253,7 +253,8 @@ def pico_moco_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor], T: float
 
 def pico_contrastive_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor],
                           pseudo_labels: Tensor, queue_labels: Optional[Tensor],
-                          supervised: bool = True, T: float = 0.07) -> Tensor:
+                          supervised: bool = True, T: float = 0.07,
+                          anchor_idx: Optional[Tensor] = None) -> Tensor:
     """PiCO contrastive loss on the contrast set ``[q (B), k (B), queue (Q)]``.
 
     ``supervised=True`` (epochs >= prot_start): SupCon with positives = same pseudo-label
@@ -268,9 +269,13 @@ def pico_contrastive_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor],
     ``pseudo_labels`` (B,) of the queries (:func:`pico_pseudo_labels`; keys share them),
     ``queue_labels`` (Q,) stored with the queue. Pass only filled queue slots: the authors
     start from random float labels, which never match; truncated to int they could.
-    Weight it with ``loss_weight`` (:func:`pico_total_loss`). Scalar.
+    Weight it with ``loss_weight`` (:func:`pico_total_loss`). ``anchor_idx`` (distributed
+    runs: q, k gathered from every rank): the anchors are only these rows (this rank's); the
+    unsupervised branch contrasts each anchor with its own key and the queue only. Scalar.
     """
     if not supervised:
+        if anchor_idx is not None:
+            q, k = q[anchor_idx], k[anchor_idx]
         return pico_moco_loss(q, k, queue_feats, T=T)
     _check_rows("pico_contrastive_loss", q.shape[0], pseudo_labels=pseudo_labels)
     is_p_q = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
@@ -279,7 +284,7 @@ def pico_contrastive_loss(q: Tensor, k: Tensor, queue_feats: Optional[Tensor],
         _check_rows("pico_contrastive_loss", queue_feats.shape[0], queue_labels=queue_labels)
         queue_is_p = torch.ones(queue_feats.shape[0], dtype=torch.bool, device=q.device)
     return noisy_supcon_loss(q, k, queue_feats, pseudo_labels, is_p_q, queue_labels, queue_is_p,
-                             T=T, noisy=False)
+                             T=T, noisy=False, anchor_idx=anchor_idx)
 
 
 def pico_total_loss(loss_cls: Tensor, loss_cont: Tensor, loss_weight: float = 0.5) -> Tensor:
