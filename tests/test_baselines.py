@@ -20,15 +20,16 @@ def dataset(tmp_path_factory):
 
 
 def _cfg(root, out, method, *extra):
-    # one stream: every sample comes round exactly once per epoch
+    # one stream, every epoch's samples from the same shuffled order
     return load_config(None, common(root, out, f"train.method={method}", "train.epochs=2",
                                     "data.streams=1", "run.threads=1", *extra))
 
 
-@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix", "pico"])
+@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix", "pico", "alim"])
 def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
     out = str(tmp_path / method)
-    rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1", "pico.queue_size=32"), "cpu")
+    rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1", "pico.queue_size=32",
+                     "alim.queue_size=32"), "cpu")
     assert 0.0 <= rep["test_acc"] <= 1.0 and rep["epochs"] == 2
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["epoch"] for l in logged] == [0, 1]
@@ -47,12 +48,13 @@ def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
             assert row.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lws", "pico"])
+@pytest.mark.parametrize("method", ["lws", "pico", "alim"])
 def test_stateful_baseline_resumes_exactly(dataset, tmp_path, method):
     """LWS writes its state after the optimizer step; PiCO also keeps a key encoder, a queue
-    and prototypes: a run killed mid-epoch and resumed ends where the uninterrupted one does."""
+    and prototypes; ALIM a lambda from the committed margins: a run killed mid-epoch and
+    resumed ends where the uninterrupted one does."""
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    extra = ("train.epochs=3", "pico.queue_size=32")
+    extra = ("train.epochs=3", "pico.queue_size=32", "alim.queue_size=32")
     train(_cfg(dataset, full, method, *extra), "cpu")
     with pytest.raises(RunKilled):        # 6 steps an epoch: killed in epoch 1, after step 8
         train(_cfg(dataset, cut, method, *extra, "train.stop_after_steps=10",
@@ -65,9 +67,11 @@ def test_stateful_baseline_resumes_exactly(dataset, tmp_path, method):
     A, B = model(full), model(cut)
     for name, t in A["nets"][0].items():
         assert (t == B["nets"][0][name]).all(), name
-    if method == "pico":
+    if method in ("pico", "alim"):
         assert torch.equal(A["prototypes"], B["prototypes"]) and A["prototypes"].abs().sum() > 0
         assert torch.equal(A["queue"]["feats"], B["queue"]["feats"])
+    if method == "alim":
+        assert A["lam"] == B["lam"] > 0                  # lambda from epoch 1's margins
 
 
 def test_method_sections_are_typed(dataset, tmp_path):
@@ -171,3 +175,23 @@ def test_kd_loss_by_hand():
     p = p / p.sum()
     want = 4 * -(s * np.log(p)).sum()
     assert (proden_loss(z / 2, sharpen(q2, 2.0)) * 4).item() == pytest.approx(want, abs=1e-5)
+
+
+def test_alim_lambda_is_the_noise_quantile_of_the_committed_margins(dataset, tmp_path):
+    """ALIM's lambda at the start of epoch 1 = the int(N * noise_rate)-th smallest margin the
+    steps of epoch 0 committed, capped at 1 (N: the samples written; the shuffle buffer leaves a
+    few for the next epoch)."""
+    out = str(tmp_path / "alim")
+    train(_cfg(dataset, out, "alim", "train.epochs=2", "alim.queue_size=32", "alim.noise_rate=0.3",
+               "alim.lambda_start_fraction=0", "train.keep_checkpoints=5"), "cpu")
+    logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert logged[0]["alim_lambda"] == 0.0 and logged[1]["alim_noise_rate"] == 0.3
+    base = os.path.join(out, "checkpoints")
+    version = json.load(open(os.path.join(base, "e0001-p00-s000000", "meta.json")))["state_version"]
+    folder = os.path.join(out, "state", f"v{version:05d}")
+    margins = np.sort(np.concatenate([np.load(os.path.join(folder, f))["margin"]
+                                      for f in os.listdir(folder) if f.endswith(".npz")]))
+    margins = margins[np.isfinite(margins)]
+    assert len(margins) >= 40
+    want = min(float(margins[int(len(margins) * 0.3)]), 1.0)
+    assert logged[1]["alim_lambda"] == pytest.approx(want, rel=1e-6)

@@ -2,9 +2,11 @@
 
 Co-Reg writes its per-sample state in the epoch's sweep (co-divide). Most partial-label methods
 (PRODEN, RC, LWS, CR-DPLL, PiCO, ALIM) instead update a sample's confidence row right after its
-batch, from that step's predictions, and read it the next time the sample comes round. A sample
-comes round once per epoch, so "read the previous version during the epoch, write the new one at
-its end" is the authors' rule exactly, not an approximation. Here:
+batch, from that step's predictions, and read it the next time the sample comes round. In their
+loaders a sample comes round once per epoch, so "read the previous version during the epoch,
+write the new one at its end" is their rule. A streaming shuffle buffer comes close: most
+samples once an epoch, a few carried over to the next epoch while as many others repeat; a
+repeat reads the value committed at the last epoch end, and its last write counts. Here:
 
   * `StepOutput.writes` ({part: {field: (n, C) or (n,) tensor}}) hands the new rows over; the
     trainer calls `add` with the part's (shard, key) identities and each row's order

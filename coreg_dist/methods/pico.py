@@ -65,36 +65,50 @@ class Pico(ConfidenceMethod):
     def modules(self):
         return [self.net, self.key]
 
-    def update(self, batch: Batch) -> StepOutput:
-        c, parts = self.c, ["x"]
-        self.net.train()
-        part = batch.parts["x"]
-        conf = self.confidence(part)
-        logits, z = self.forward(0, self.weak(batch, "x"), with_proj=True)
-        q = F.normalize(z, dim=1)
+    # ------------------------------------------------------------------ pieces ALIM shares
+    def encode(self, batch: Batch):
+        """(weak view, its logits, its normalised query, the strong view's normalised key)."""
+        xw = self.weak(batch, "x")
+        logits, z = self.forward(0, xw, with_proj=True)
         with torch.no_grad():
-            pseudo = pico_pseudo_labels(torch.softmax(logits, 1), part.Y)
-            score_prot = pico_prototype_scores(q, self.prototypes)     # before this step's update
             self.key.train()
             _, zk = self.forward(0, self.strong(batch, "x"), with_proj=True, module=self.key)
-            k = F.normalize(zk, dim=1)
-        supervised = pico_prototype_phase(self.epoch, c.prot_start)
-        if supervised:   # [their train loop] targets move first; the loss reads the new rows
-            m = pico_target_momentum(max(0, self.epoch - 1), self.cfg.train.epochs,
-                                     c.conf_ema_start, c.conf_ema_end)
-            conf = pico_update_targets(conf, score_prot, part.Y, m)
+        return xw, logits, F.normalize(z, dim=1), F.normalize(zk, dim=1)
+
+    def target_momentum(self) -> float:
+        # [theirs] set after each epoch: epoch e trains with the value of e - 1
+        return pico_target_momentum(max(0, self.epoch - 1), self.cfg.train.epochs,
+                                    self.c.conf_ema_start, self.c.conf_ema_end)
+
+    def contrast(self, batch: Batch, q, k, pseudo, supervised: bool):
+        """The contrastive loss over every rank's queries and keys (one process's order), and
+        what after_step needs to update the prototypes and the queue."""
+        parts = ["x"]
         q_all = self.gather_rows(q, batch, parts, grad=True)
         k_all = self.gather_rows(k, batch, parts)
         pseudo_all = self.gather_rows(pseudo, batch, parts)
         qf, ql, _ = self.queue.view()
-        loss_cont = pico_contrastive_loss(q_all, k_all, qf, pseudo_all, ql, supervised=supervised,
-                                          T=c.temperature, anchor_idx=self.own_rows(batch, parts))
+        loss = pico_contrastive_loss(q_all, k_all, qf, pseudo_all, ql, supervised=supervised,
+                                     T=self.c.temperature, anchor_idx=self.own_rows(batch, parts))
+        return loss, {"q": q_all.detach(), "k": k_all, "pseudo": pseudo_all}
+
+    def update(self, batch: Batch) -> StepOutput:
+        c = self.c
+        self.net.train()
+        part = batch.parts["x"]
+        conf = self.confidence(part)
+        _, logits, q, k = self.encode(batch)
+        with torch.no_grad():
+            pseudo = pico_pseudo_labels(torch.softmax(logits, 1), part.Y)
+            score_prot = pico_prototype_scores(q, self.prototypes)     # before this step's update
+        supervised = pico_prototype_phase(self.epoch, c.prot_start)
+        if supervised:   # [their train loop] targets move first; the loss reads the new rows
+            conf = pico_update_targets(conf, score_prot, part.Y, self.target_momentum())
+        loss_cont, extra = self.contrast(batch, q, k, pseudo, supervised)
         loss_cls = pico_classification_loss(logits, conf)
         loss = pico_total_loss(loss_cls, loss_cont, c.loss_weight)
         return StepOutput(0, loss, {"loss/cls": loss_cls.item(), "loss/cont": loss_cont.item(),
-                                    "loss/total": loss.item()},
-                          extra={"q": q_all.detach(), "k": k_all, "pseudo": pseudo_all},
-                          writes=self.write(conf))
+                                    "loss/total": loss.item()}, extra=extra, writes=self.write(conf))
 
     @torch.no_grad()
     def after_step(self, batch: Batch, out: StepOutput) -> None:

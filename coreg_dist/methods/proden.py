@@ -7,8 +7,8 @@ Learning", ICML 2020; the authors' code github.com/Lvcrezia77/PRODEN (main.py,
 utils/utils_loss.py). Each sample carries a confidence row over its candidate set, uniform at the
 start; a step trains on the confidence-weighted cross-entropy and replaces the batch's rows by
 the network's softmax restricted to S and renormalised (from the same forward, as their
-`partial_loss` does). A sample comes round once per epoch, so the new rows are read from the
-next epoch on: the trainer's step writes (train/step_writes.py), stored per candidate.
+`partial_loss` does). A sample comes round about once per epoch, so the new rows are read from
+the next epoch on: the trainer's step writes (train/step_writes.py), stored per candidate.
 
 Same backbone, weak augmentation, optimizer and schedule as every method here (the trainer's
 `train.*`), not the authors' MLP/ConvNet settings: the comparison is of the learning rule.
