@@ -9,7 +9,7 @@ FMNIST_DIR = /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-data demo demo-pce demo-2proc demo-deepspeed demo-accelerate kill-drill slurm-up \
+.PHONY: setup setup-data demo baselines demo-pce demo-2proc demo-deepspeed demo-accelerate kill-drill slurm-up \
         test test-all bench bench-stream bench-backends bench-vlm grid clean-demo vllm-cpu test-vllm
 
 setup:
@@ -100,3 +100,9 @@ GRID ?= configs/grids/robustness.yaml
 GRID_ARGS ?=
 grid: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) bench/grid.py --grid $(GRID) $(GRID_ARGS)
+
+# The baselines against Co-Reg on the demo cell (configs/grids/baselines.yaml: every method for
+# one seed, then 2 more seeds of Co-Reg and the strongest baselines; about 90 min on 2 cores,
+# after `make demo`): runs/grid/baselines/results.md and the plots.
+baselines: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) bench/grid.py --grid configs/grids/baselines.yaml --jobs 2 --set run.threads=1
