@@ -93,7 +93,7 @@ bench-backends: setup
 	$(PYTHON) bench/stream_bench.py --backends-only --backends ddp,zero0,zero1,zero2,zero3,accelerate \
 	  --repeats $(REPEATS)
 
-# The robustness grid (cells x methods x seeds; configs/grids/robustness.yaml, about 100 min
+# The robustness grid (cells x methods x seeds; configs/grids/robustness.yaml, about 130 min
 # on a quiet 2-core machine) after `make demo` made the data: runs/grid/robustness/results.md,
 # results.json, curves.png, bars.png. Reruns skip finished runs. GRID_ARGS="--dry-run" shows the plan.
 GRID ?= configs/grids/robustness.yaml
