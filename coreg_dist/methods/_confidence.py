@@ -4,12 +4,12 @@ rewritten by the step (train/step_writes.py)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 from coreg_dist.data.stream import PassSpec, Route
-from coreg_dist.methods.base import Batch, BatchPart, Method
+from coreg_dist.methods.base import BatchPart, Method
 from coreg_dist.rules.pll import proden_init
 from coreg_dist.state import FieldSpec
 
@@ -49,13 +49,10 @@ class ConfidenceMethod(SingleNetwork):
         """A sample's first confidence row: uniform over S (PRODEN, RC, CR-DPLL, PiCO)."""
         return proden_init(part.Y)
 
-    def confidence(self, part: BatchPart, written: Optional[torch.Tensor] = None) -> torch.Tensor:
-        conf = (part.attach["conf"] if written is None else written).float()
+    def confidence(self, part: BatchPart) -> torch.Tensor:
+        conf = part.attach["conf"].float()
         fresh = torch.isnan(conf).any(1)
         return torch.where(fresh[:, None], self.initial(part).to(conf), conf)
 
     def write(self, conf: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
         return {"x": {"conf": conf}}
-
-    def update(self, batch: Batch):
-        raise NotImplementedError

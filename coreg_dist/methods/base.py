@@ -32,6 +32,7 @@ from torch import nn
 
 from coreg_dist.augment import RANDAUG_OPS, strong_augment, weak_augment
 from coreg_dist.data.stream import PassSpec, Route, seed_of
+from coreg_dist.methods._moco import canonical_order
 from coreg_dist.methods.registry import get_method, list_methods, register_method  # noqa: F401
 from coreg_dist.models import build_network
 from coreg_dist.state import FieldSpec
@@ -176,9 +177,7 @@ class Method:
     def _canonical(self, batch: Batch, parts: List[str]):
         """(order, anchors) for `parts`, cached per pass: `order` reorders an all-gathered batch
         the way one process holds it; `anchors` = where this rank's rows land in it."""
-        from coreg_dist.methods._moco import canonical_order
-
-        key = (id(batch.spec), tuple(parts))
+        key = tuple(parts)
         cache = getattr(self, "_order", None)
         if cache is None or cache[0] is not batch.spec:
             cache = self._order = (batch.spec, {})
