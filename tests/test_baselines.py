@@ -2,6 +2,7 @@
 per-sample state where its rule says (per candidate, or a dense (C,) row for LWS), and a
 baseline that writes its state after the optimizer step (LWS) resumes exactly."""
 import json
+import math
 import os
 
 import numpy as np
@@ -25,11 +26,12 @@ def _cfg(root, out, method, *extra):
                                     "data.streams=1", "run.threads=1", *extra))
 
 
-@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix", "pico", "alim"])
+@pytest.mark.parametrize("method", ["cc", "proden", "lws", "cr_dpll", "dividemix", "pico", "alim",
+                                    "pico_plus"])
 def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
     out = str(tmp_path / method)
     rep = train(_cfg(dataset, out, method, "dividemix.warm_up=1", "pico.queue_size=32",
-                     "alim.queue_size=32"), "cpu")
+                     "alim.queue_size=32", "pico_plus.queue_size=32"), "cpu")
     assert 0.0 <= rep["test_acc"] <= 1.0 and rep["epochs"] == 2
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["epoch"] for l in logged] == [0, 1]
@@ -48,13 +50,13 @@ def test_baseline_trains_and_keeps_its_state(dataset, tmp_path, method):
             assert row.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lws", "pico", "alim"])
+@pytest.mark.parametrize("method", ["lws", "pico", "alim", "pico_plus"])
 def test_stateful_baseline_resumes_exactly(dataset, tmp_path, method):
     """LWS writes its state after the optimizer step; PiCO also keeps a key encoder, a queue
     and prototypes; ALIM a lambda from the committed margins: a run killed mid-epoch and
     resumed ends where the uninterrupted one does."""
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    extra = ("train.epochs=3", "pico.queue_size=32", "alim.queue_size=32")
+    extra = ("train.epochs=3", "pico.queue_size=32", "alim.queue_size=32", "pico_plus.queue_size=32")
     train(_cfg(dataset, full, method, *extra), "cpu")
     with pytest.raises(RunKilled):        # 6 steps an epoch: killed in epoch 1, after step 8
         train(_cfg(dataset, cut, method, *extra, "train.stop_after_steps=10",
@@ -67,11 +69,14 @@ def test_stateful_baseline_resumes_exactly(dataset, tmp_path, method):
     A, B = model(full), model(cut)
     for name, t in A["nets"][0].items():
         assert (t == B["nets"][0][name]).all(), name
-    if method in ("pico", "alim"):
+    if method in ("pico", "alim", "pico_plus"):
         assert torch.equal(A["prototypes"], B["prototypes"]) and A["prototypes"].abs().sum() > 0
         assert torch.equal(A["queue"]["feats"], B["queue"]["feats"])
     if method == "alim":
         assert A["lam"] == B["lam"] > 0                  # lambda from epoch 1's margins
+    if method == "pico_plus":                            # the threshold from epoch 1's distances
+        assert A["threshold"] == B["threshold"] < math.inf
+        assert torch.equal(A["queue"]["is_p"], B["queue"]["is_p"]) and not A["queue"]["is_p"].all()
 
 
 def test_method_sections_are_typed(dataset, tmp_path):
@@ -195,3 +200,23 @@ def test_alim_lambda_is_the_noise_quantile_of_the_committed_margins(dataset, tmp
     assert len(margins) >= 40
     want = min(float(margins[int(len(margins) * 0.3)]), 1.0)
     assert logged[1]["alim_lambda"] == pytest.approx(want, rel=1e-6)
+
+
+def test_pico_plus_reliable_set_is_the_closest_share_of_the_committed_distances(dataset, tmp_path):
+    """PiCO+'s threshold at the start of epoch 1 = the int(N * pure_ratio)-th smallest distance
+    the steps of epoch 0 committed; the steps of epoch 1 then see that share as reliable."""
+    out = str(tmp_path / "pico_plus")
+    train(_cfg(dataset, out, "pico_plus", "pico_plus.queue_size=32", "pico_plus.pure_ratio=0.5",
+               "train.keep_checkpoints=5"), "cpu")
+    logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert "pico_plus_threshold" not in logged[0]         # every sample reliable in epoch 0
+    base = os.path.join(out, "checkpoints")
+    version = json.load(open(os.path.join(base, "e0001-p00-s000000", "meta.json")))["state_version"]
+    folder = os.path.join(out, "state", f"v{version:05d}")
+    dist = np.sort(np.concatenate([np.load(os.path.join(folder, f))["dist"]
+                                   for f in os.listdir(folder) if f.endswith(".npz")]))
+    dist = dist[np.isfinite(dist)]
+    assert len(dist) >= 40 and np.all(dist >= -1 - 1e-5) and np.all(dist <= 1 + 1e-5)
+    assert logged[1]["pico_plus_threshold"] == pytest.approx(float(dist[int(len(dist) * 0.5) - 1]), rel=1e-6)
+    assert logged[1]["pico_plus_reliable_share"] == pytest.approx(0.5, abs=0.05)
+    assert 0.0 < logged[1]["pico_plus/reliable"] < 1.0

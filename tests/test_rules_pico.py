@@ -182,6 +182,17 @@ def test_pico_plus_select_reliable_global_fraction():
     assert not R.pico_plus_select_reliable(d, 0.0).any()
 
 
+def test_pico_plus_reliable_threshold_selects_the_same_set():
+    d = t([0.3, -0.9, 0.5, -0.2, 0.1])
+    thr = R.pico_plus_reliable_threshold(d)               # int(5 * 0.6) = 3 closest: -0.9, -0.2, 0.1
+    assert thr == pytest.approx(0.1)
+    assert (d <= thr).tolist() == R.pico_plus_select_reliable(d).tolist()
+    assert R.pico_plus_reliable_threshold(d, 0.1) == float("-inf")     # int(0.5) = 0 chosen
+    assert R.pico_plus_reliable_threshold(d, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="pure_ratio"):
+        R.pico_plus_reliable_threshold(d, 1.5)
+
+
 def test_pico_plus_supcon_loss_by_hand_with_weights():
     # features q0=k0=[1,0], q1=k1=[0,1] (N=4, B=2), T=1; Ld = ln(2+e) for both anchors
     # anchor 0 positives {k0}: Ld - 1; anchor 1 positives {q0, k1}: -(1/2)((0-Ld)+(1-Ld)) = Ld - 1/2

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from coreg_dist.config import load_config
 from coreg_dist.dist import Collectives
@@ -127,14 +128,14 @@ def test_proden_confidences_move_and_resume_exactly(dataset, tmp_path):
         assert (t == B["nets"][0][name]).all(), name
 
 
-@pytest.mark.parametrize("method", ["proden", "pico", "alim"])
+@pytest.mark.parametrize("method", ["proden", "pico", "alim", "pico_plus"])
 def test_step_writing_methods_on_two_ranks_equal_one_process(tmp_path, method):
     """PRODEN: the step writes of two ranks; PiCO: also its gathered contrast set, queue and
     prototypes."""
     root = make_labeled_dataset(str(tmp_path / "ds"), n_train=64, n_test=24)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = [f"train.method={method}", "train.epochs=3", "model.sync_bn=true", "pico.queue_size=32",
-            "alim.queue_size=32"]
+            "alim.queue_size=32", "pico_plus.queue_size=32"]
     from train.cli import main as train_main
     assert train_main(common(root, one, *args, "run.threads=1")) == 0
     torchrun(2, common(root, two, *args))
@@ -142,10 +143,13 @@ def test_step_writing_methods_on_two_ranks_equal_one_process(tmp_path, method):
     a, b = state_by_key(one, "conf", not dense), state_by_key(two, "conf", not dense)
     assert a.keys() == b.keys() and len(a) == 64
     assert max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in a) < 1e-4
-    if method in ("pico", "alim"):
+    if method in ("pico", "alim", "pico_plus"):
         A, B = model(one), model(two)
         assert (A["prototypes"] - B["prototypes"]).abs().max() < 1e-4
         assert A["queue"]["filled"] == B["queue"]["filled"] > 0
         assert (A["queue"]["feats"] - B["queue"]["feats"]).abs().max() < 1e-4
     if method == "alim":
         assert A["lam"] == pytest.approx(B["lam"], abs=1e-4) and A["lam"] > 0
+    if method == "pico_plus":     # the reliable split and its flags in the queue
+        assert A["threshold"] == pytest.approx(B["threshold"], abs=1e-4)
+        assert torch.equal(A["queue"]["is_p"], B["queue"]["is_p"]) and not A["queue"]["is_p"].all()

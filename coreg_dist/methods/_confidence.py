@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 from coreg_dist.data.stream import PassSpec, Route
@@ -33,6 +34,7 @@ class ConfidenceMethod(SingleNetwork):
     (C,) row (`dense=True`, for rules that weigh the non-candidates too: O(C) per sample, said
     in the method's docstring). NaN = never written: the row starts as `initial(part)`."""
     step_state = ("conf",)
+    attach = ("conf",)                 # the state fields delivered with each sample
     dense = False
 
     def state_fields(self) -> Dict[str, FieldSpec]:
@@ -43,7 +45,7 @@ class ConfidenceMethod(SingleNetwork):
     def plan_epoch(self, epoch: int, ctx) -> List[PassSpec]:
         B = self.cfg.train.batch_size
         return [PassSpec("train", 0, steps=max(1, math.ceil(ctx.num_train / B)),
-                         routes=(Route("x", B),), attach=("conf",))]
+                         routes=(Route("x", B),), attach=tuple(self.attach))]
 
     def initial(self, part: BatchPart) -> torch.Tensor:
         """A sample's first confidence row: uniform over S (PRODEN, RC, CR-DPLL, PiCO)."""
@@ -56,3 +58,13 @@ class ConfidenceMethod(SingleNetwork):
 
     def write(self, conf: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
         return {"x": {"conf": conf}}
+
+    def committed(self, ctx, name: str) -> np.ndarray:
+        """Every rank's committed values of a scalar per-sample field (ALIM's margins, PiCO+'s
+        distances), the unwritten (NaN) left out: what the authors rank over all N samples.
+        O(N) on every rank, once an epoch, as their global ranking needs."""
+        spec = {name: ctx.store.fields[name]}
+        mine = [ctx.store.read(ctx.version, s, spec).arrays[name] for s in ctx.sweep_shard_names]
+        every = np.concatenate([np.concatenate(m) if m else np.zeros(0, np.float32)
+                                for m in self.coll.all_gather_object(mine)])
+        return every[np.isfinite(every)]

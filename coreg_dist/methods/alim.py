@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 from typing import Dict
 
-import numpy as np
 import torch
 
 from coreg_dist.config import ConfigError
@@ -89,23 +88,10 @@ class Alim(Pico):
     def begin_epoch(self, epoch: int, ctx) -> Dict:
         self.epoch = epoch
         if epoch >= 1 and epoch - 1 >= self.lambda_start:   # [theirs] after each such epoch
-            spec = {"margin": ctx.store.fields["margin"]}
-            mine = [ctx.store.read(ctx.version, s, spec).arrays["margin"] for s in ctx.sweep_shard_names]
-            every = np.concatenate([np.concatenate(m) if m else np.zeros(0, np.float32)
-                                    for m in self.coll.all_gather_object(mine)])
-            every = every[np.isfinite(every)]
+            every = self.committed(ctx, "margin")
             if len(every):
                 self.lam = alim_lambda_from_margins(torch.from_numpy(every), self.noise_rate, self.c.max1)
         return {"alim_lambda": self.lam, "alim_noise_rate": self.noise_rate}
-
-    def _stream_perm(self, batch: Batch) -> torch.Tensor:
-        """A permutation within each stream's rows: MixUp partners that do not depend on the
-        world size."""
-        perm, start = [], 0
-        for n, g in zip(batch.sizes["x"], batch.rng.gens):
-            perm.append(start + torch.randperm(n, generator=g))
-            start += n
-        return torch.cat(perm).to(self.device)
 
     def update(self, batch: Batch) -> StepOutput:
         c, lam = self.c, self.lam
@@ -126,7 +112,7 @@ class Alim(Pico):
         if c.mixup_weight:
             lam_mix = float(batch.rng.shared.beta(c.mixup_alpha, c.mixup_alpha))
             lam_mix = max(lam_mix, 1 - lam_mix)
-            perm = self._stream_perm(batch)
+            perm = self.stream_perm(batch)
             x_mix = lam_mix * xw + (1 - lam_mix) * self.weak(batch, "x")[perm]
             # with the projection head, though unused: under DDP the last forward before the
             # backward must reach every parameter that gets a gradient (the head does, from q)

@@ -87,6 +87,10 @@ class CoRegConfig:
     # co-pseudo-labels
     co_pseudo_label: bool = True      # false: targets from the network's own predictions only
     refine_labeled: bool = True
+    # P's refinement w * p_masked + (1 - w) * p_B: all (the published method: network B's
+    # prediction over every class) | candidates (B's prediction restricted to S, as
+    # co_divide=false's targets are).
+    p_refine: str = "all"
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
@@ -139,6 +143,7 @@ class CoReg(Method):
                                     ("label_space_view", c.label_space_view, ("strong", "weak")),
                                     ("divide_view", c.divide_view, ("weak", "none")),
                                     ("u_guess", c.u_guess, ("all", "candidates", "adaptive")),
+                                    ("p_refine", c.p_refine, ("all", "candidates")),
                                     ("da_prior", c.da_prior, ("uniform", "candidates"))):
             if value not in allowed:
                 raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
@@ -453,7 +458,8 @@ class CoReg(Method):
             pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(b, xw[1]), 1)]
             if c.co_pseudo_label:
                 if c.refine_labeled:
-                    tx = refine_labeled(p_masked, w, pb_x, T=c.sharpen_temperature)
+                    pb_ref = pb_x if c.p_refine == "all" else [masked_prediction(p, Y) for p in pb_x]
+                    tx = refine_labeled(p_masked, w, pb_ref, T=c.sharpen_temperature)
                 else:
                     tx = sharpen(p_masked, c.sharpen_temperature)
             else:   # the network's own candidate-restricted prediction

@@ -80,6 +80,15 @@ class Pico(ConfidenceMethod):
         return pico_target_momentum(max(0, self.epoch - 1), self.cfg.train.epochs,
                                     self.c.conf_ema_start, self.c.conf_ema_end)
 
+    def stream_perm(self, batch: Batch) -> torch.Tensor:
+        """A permutation within each stream's rows: MixUp partners (ALIM, PiCO+) that do not
+        depend on the world size."""
+        perm, start = [], 0
+        for n, g in zip(batch.sizes["x"], batch.rng.gens):
+            perm.append(start + torch.randperm(n, generator=g))
+            start += n
+        return torch.cat(perm).to(self.device)
+
     def contrast(self, batch: Batch, q, k, pseudo, supervised: bool):
         """The contrastive loss over every rank's queries and keys (one process's order), and
         what after_step needs to update the prototypes and the queue."""

@@ -53,6 +53,7 @@ __all__ = [
     "pico_total_loss",
     # PiCO+
     "pico_plus_pseudo_labels", "pico_plus_prototype_distance", "pico_plus_select_reliable",
+    "pico_plus_reliable_threshold",
     "pico_plus_supcon_loss", "pico_plus_contrastive_masks", "pico_plus_contrastive_loss",
     "pico_plus_guess_targets", "pico_plus_mixup_targets", "pico_plus_classification_loss",
     # ALIM
@@ -356,6 +357,24 @@ def pico_plus_select_reliable(distances: Tensor, pure_ratio: float = 0.6) -> Ten
     is_rel = torch.zeros(n, dtype=torch.bool, device=distances.device)
     is_rel[order[:chosen]] = True
     return is_rel
+
+
+def pico_plus_reliable_threshold(distances: Tensor, pure_ratio: float = 0.6) -> float:
+    """The selection of :func:`pico_plus_select_reliable` as a threshold on the distance.
+
+    A streamed sample is reliable iff its stored distance is ``<=`` the ``int(N *
+    pure_ratio)``-th smallest of all N stored distances: the same set as the authors' global
+    argsort when the distances are distinct (ties at the threshold all count as reliable,
+    where argsort would keep an arbitrary few). ``-inf`` when no sample is chosen. A float.
+    """
+    if distances.dim() != 1:
+        raise ValueError(f"pico_plus_reliable_threshold: distances must be (N,), got {tuple(distances.shape)}")
+    if not 0.0 <= float(pure_ratio) <= 1.0:
+        raise ValueError(f"pico_plus_reliable_threshold: pure_ratio must lie in [0, 1], got {pure_ratio}")
+    chosen = int(distances.shape[0] * float(pure_ratio))
+    if chosen == 0:
+        return float("-inf")
+    return float(torch.sort(distances).values[chosen - 1])
 
 
 def pico_plus_supcon_loss(features: Tensor, pos_mask: Tensor, batch_size: int,
