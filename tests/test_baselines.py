@@ -182,6 +182,16 @@ def test_kd_loss_by_hand():
     assert (proden_loss(z / 2, sharpen(q2, 2.0)) * 4).item() == pytest.approx(want, abs=1e-5)
 
 
+def committed_at_epoch_1(out, name):
+    """The sorted, written values of a scalar state field in the version epoch 1 started from."""
+    base = os.path.join(out, "checkpoints")
+    version = json.load(open(os.path.join(base, "e0001-p00-s000000", "meta.json")))["state_version"]
+    folder = os.path.join(out, "state", f"v{version:05d}")
+    values = np.sort(np.concatenate([np.load(os.path.join(folder, f))[name]
+                                     for f in os.listdir(folder) if f.endswith(".npz")]))
+    return values[np.isfinite(values)]
+
+
 def test_alim_lambda_is_the_noise_quantile_of_the_committed_margins(dataset, tmp_path):
     """ALIM's lambda at the start of epoch 1 = the int(N * noise_rate)-th smallest margin the
     steps of epoch 0 committed, capped at 1 (N: the samples written; the shuffle buffer leaves a
@@ -191,12 +201,7 @@ def test_alim_lambda_is_the_noise_quantile_of_the_committed_margins(dataset, tmp
                "alim.lambda_start_fraction=0", "train.keep_checkpoints=5"), "cpu")
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert logged[0]["alim_lambda"] == 0.0 and logged[1]["alim_noise_rate"] == 0.3
-    base = os.path.join(out, "checkpoints")
-    version = json.load(open(os.path.join(base, "e0001-p00-s000000", "meta.json")))["state_version"]
-    folder = os.path.join(out, "state", f"v{version:05d}")
-    margins = np.sort(np.concatenate([np.load(os.path.join(folder, f))["margin"]
-                                      for f in os.listdir(folder) if f.endswith(".npz")]))
-    margins = margins[np.isfinite(margins)]
+    margins = committed_at_epoch_1(out, "margin")
     assert len(margins) >= 40
     want = min(float(margins[int(len(margins) * 0.3)]), 1.0)
     assert logged[1]["alim_lambda"] == pytest.approx(want, rel=1e-6)
@@ -210,12 +215,7 @@ def test_pico_plus_reliable_set_is_the_closest_share_of_the_committed_distances(
                "train.keep_checkpoints=5"), "cpu")
     logged = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert "pico_plus_threshold" not in logged[0]         # every sample reliable in epoch 0
-    base = os.path.join(out, "checkpoints")
-    version = json.load(open(os.path.join(base, "e0001-p00-s000000", "meta.json")))["state_version"]
-    folder = os.path.join(out, "state", f"v{version:05d}")
-    dist = np.sort(np.concatenate([np.load(os.path.join(folder, f))["dist"]
-                                   for f in os.listdir(folder) if f.endswith(".npz")]))
-    dist = dist[np.isfinite(dist)]
+    dist = committed_at_epoch_1(out, name="dist")
     assert len(dist) >= 40 and np.all(dist >= -1 - 1e-5) and np.all(dist <= 1 + 1e-5)
     assert logged[1]["pico_plus_threshold"] == pytest.approx(float(dist[int(len(dist) * 0.5) - 1]), rel=1e-6)
     assert logged[1]["pico_plus_reliable_share"] == pytest.approx(0.5, abs=0.05)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from coreg_dist.config import load_config
+from coreg_dist.config import ConfigError, load_config
 from tests.helpers import corrupt_images, make_labeled_dataset
 from train.trainer import RunKilled, train
 
@@ -327,3 +327,29 @@ def test_weak_warmup_with_single_batch_takes_twice_the_steps(dataset, tmp_path):
                       f"coreg.warmup_batch_factor={f}"), "cpu")
         steps[f] = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][0]["steps"]
     assert steps[1] == 2 * steps[2]
+
+
+@pytest.mark.parametrize("mode", ["all", "candidates"])
+def test_p_refine_keeps_p_targets_in_the_candidate_sets(dataset, tmp_path, monkeypatch, mode):
+    """coreg.p_refine=candidates: P's refined targets w p_masked + (1 - w) p_B take network B's
+    prediction restricted to S, so they carry no mass outside S; the published `all` does."""
+    import coreg_dist.methods.coreg as coreg_mod
+    seen = []
+    real = coreg_mod.refine_labeled
+
+    def spy(p_masked, w, views, T=0.5):
+        out = real(p_masked, w, views, T=T)
+        seen.append((p_masked > 0, out))
+        return out
+
+    monkeypatch.setattr(coreg_mod, "refine_labeled", spy)
+    train(cfg_for(dataset, str(tmp_path / mode), "train.epochs=2", f"coreg.p_refine={mode}"), "cpu")
+    assert seen
+    outside = max(float(out[~inside].max()) if (~inside).any() else 0.0 for inside, out in seen)
+    # p_masked > 0 exactly on S (a softmax is never 0): the mass the targets put outside S
+    assert (outside < 1e-6) if mode == "candidates" else (outside > 1e-3)
+
+
+def test_p_refine_unknown_value_is_named(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="coreg.p_refine"):
+        train(cfg_for(dataset, str(tmp_path / "bad"), "coreg.p_refine=some"), "cpu")

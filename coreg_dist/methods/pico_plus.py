@@ -41,6 +41,7 @@ from typing import Dict
 
 import torch
 
+from coreg_dist.losses import mixup
 from coreg_dist.methods._moco import ema_to_key
 from coreg_dist.methods.base import Batch, BatchPart, StepOutput
 from coreg_dist.methods.pico import Pico, PicoConfig
@@ -127,17 +128,15 @@ class PicoPlus(Pico):
                 loss_weight=c.loss_weight, ur_weight=c.ur_weight, T=c.temperature)
             extra = {"q": q_all.detach(), "k": k_all, "pseudo": pseudo_all}
             guess = pico_plus_guess_targets(logits_prot, c.temperature_guess)
-            targets = pico_plus_mixup_targets(conf, guess, is_rel)
-            lam = float(batch.rng.shared.beta(c.mixup_alpha, c.mixup_alpha))
-            lam = max(lam, 1 - lam)
-            perm = self.stream_perm(batch)
+            x_mix, t_mix, _, _ = mixup(xw, pico_plus_mixup_targets(conf, guess, is_rel), c.mixup_alpha,
+                                       rng=batch.rng.shared, perm=self.stream_perm(batch))
             # with the projection head, though unused: under DDP the last forward before the
             # backward must reach every parameter that gets a gradient (the head does, from q)
-            logits_mix, _ = self.forward(0, lam * xw + (1 - lam) * xw[perm], with_proj=True)
+            logits_mix, _ = self.forward(0, x_mix, with_proj=True)
             loss_cls = pico_plus_classification_loss(
                 self.gather_rows(logits, batch, parts, grad=True), self.gather_rows(conf, batch, parts),
-                self.gather_rows(guess, batch, parts), rel_all, logits_mix,
-                lam * targets + (1 - lam) * targets[perm], cls_weight=c.cls_weight, ur_weight=c.ur_weight)
+                self.gather_rows(guess, batch, parts), rel_all, logits_mix, t_mix,
+                cls_weight=c.cls_weight, ur_weight=c.ur_weight)
             loss = loss_cls + loss_cont
         extra["rel"] = self.gather_rows(is_rel, batch, parts)
         logs.update({"loss/cls": loss_cls.item(), "loss/cont": loss_cont.item(), "loss/total": loss.item()})
