@@ -8,6 +8,8 @@
         --set train.epochs=4 --workdir runs/grid-slice                         # a quick slice
     python bench/grid.py --grid configs/grids/smoke.yaml              # minutes: the plumbing, real data
     python bench/grid.py --grid configs/grids/robustness.yaml --report-only   # tables and plots only
+    python bench/grid.py --grid configs/grids/robustness.yaml --methods coreg_p_own_aligned \\
+        --only '*/coreg_p_own_aligned'           # a method the grid defines, added to every cell
 
 Everything about the experiment is in the grid YAML (see configs/grids/robustness.yaml):
   base:     config: [YAML presets]  overrides: [key=value, ...]     (every run)
@@ -165,7 +167,10 @@ def _named(node, what: str) -> "OrderedDict[str, object]":
     return out
 
 
-def load_grid(path: str, workdir: Optional[str] = None, seeds: Optional[List[int]] = None) -> Grid:
+def load_grid(path: str, workdir: Optional[str] = None, seeds: Optional[List[int]] = None,
+              cell_methods: Optional[List[str]] = None) -> Grid:
+    """cell_methods: methods (names under `methods:`) added to every cell's list (--methods: a
+    switch measured beyond the preset's table; the results then have its rows too)."""
     raw = OmegaConf.load(path)
     raw = OmegaConf.to_container(raw, resolve=True)
     known = {"name", "description", "defs", "scaling", "expected_minutes", "workdir", "base", "prepare",
@@ -185,6 +190,10 @@ def load_grid(path: str, workdir: Optional[str] = None, seeds: Optional[List[int
     if not methods:
         raise SystemExit(f"error: {path}: no methods")
     default_methods = _strs(raw.get("default_methods")) or list(methods)
+    for m in cell_methods or []:
+        if m not in methods:
+            raise SystemExit(f"error: --methods {m}: no such method under methods: in {path} "
+                             f"({', '.join(methods)})")
     default_seeds = [int(s) for s in (raw.get("seeds") or [0])]
     prepare: "OrderedDict[str, str]" = OrderedDict()
     for pname, spec in _named(raw.get("prepare"), "prepare").items():
@@ -194,6 +203,7 @@ def load_grid(path: str, workdir: Optional[str] = None, seeds: Optional[List[int
     for cname, spec in _named(raw.get("cells"), "cells").items():
         spec = spec or {}
         cm = _strs(spec.get("methods")) or default_methods
+        cm = cm + [m for m in cell_methods or [] if m not in cm]
         for m in cm:
             if m not in methods:
                 raise SystemExit(f"error: {path}: cell '{cname}' uses method '{m}', which is not "
@@ -880,6 +890,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                      "workdir, else runs/grid/<name>)")
     ap.add_argument("--only", action="append", default=[],
                     help="glob(s) over cell, cell/method or cell/method/seedS (repeatable; commas)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated methods (under the grid's methods:) added to every cell, "
+                         "e.g. a switch beyond the preset's table (with --only '*/NAME': just those)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every cell (e.g. 0,1,2)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override added to every run (changes the runs' hash: they rerun)")
@@ -899,7 +912,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = lambda s="": print(s, flush=True)  # noqa: E731
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else None
-    grid = load_grid(a.grid, a.workdir, seeds)
+    cell_methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    grid = load_grid(a.grid, a.workdir, seeds, cell_methods)
     patterns = [p for item in a.only for p in item.split(",") if p]
     runs = plan_runs(grid, a.extra)
     validate(grid, runs)

@@ -7,6 +7,8 @@ import re
 import statistics
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, make_labeled_dataset
 
 spec = importlib.util.spec_from_file_location("bench_grid", os.path.join(ROOT, "bench", "grid.py"))
@@ -123,6 +125,16 @@ def test_grid_runs_skips_and_reruns_changed(tmp_path, capsys):
     # 4. the plan now has nothing to do
     assert grid_mod.main(args + ["--dry-run"]) == 0
     assert capsys.readouterr().out.count("skip (finished)") == 4
+
+    # 5. --methods adds a method the grid defines to every cell; an unknown one is named
+    write_grid(gy, root, coreg_extra=["coreg.mixup_alpha=2.0"], broken_cell=True)  # broken: pce only
+    assert grid_mod.main(args + ["--dry-run", "--only", "broken"]) == 0
+    assert "broken/coreg" not in capsys.readouterr().out
+    assert grid_mod.main(args + ["--dry-run", "--methods", "coreg", "--only", "broken"]) == 0
+    out = capsys.readouterr().out
+    assert "broken/pce/seed0" in out and "broken/coreg/seed0" in out
+    with pytest.raises(SystemExit, match="--methods nope"):
+        grid_mod.main(args + ["--dry-run", "--methods", "nope"])
 
 
 # ----------------------------------------------------------------------------- --jobs

@@ -135,21 +135,25 @@ def keep_keys_before(run_dir, position):
     return len(keys) - len(kept)
 
 
-def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
+# own_aligned: P's targets use the DA statistics of the epoch's co-divide, which the checkpoint
+# must carry (a mid-epoch resume does not redo the co-divide)
+@pytest.mark.parametrize("p_refine", ["all", "own_aligned"])
+def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path, p_refine):
     full = str(tmp_path / "full")
-    wb = "coreg.warmup_batch_factor=2"   # the step arithmetic below
-    ref = train(cfg_for(dataset, full, "train.log_keys=true", wb), "cpu")
+    # warm-up batch factor 2: the step arithmetic below
+    extra = ("coreg.warmup_batch_factor=2", f"coreg.p_refine={p_refine}")
+    ref = train(cfg_for(dataset, full, "train.log_keys=true", *extra), "cpu")
     cut = str(tmp_path / "cut")
     # warm-up: 2 passes x 3 steps; checkpoint every 4 steps; killed at step 10, inside epoch 1
     with pytest.raises(RunKilled):
         train(cfg_for(dataset, cut, "train.stop_after_steps=10", "train.checkpoint_every=4",
-                      "train.log_keys=true", wb), "cpu")
+                      "train.log_keys=true", *extra), "cpu")
     meta = json.load(open(os.path.join(latest(cut), "meta.json")))
     assert meta["mid_epoch"] and meta["epoch"] == 1 and meta["global_step"] == 8
     redone = keep_keys_before(cut, (meta["epoch"], meta["pass_index"], meta["step"]))
     assert redone > 0                    # the killed run had gone past its checkpoint
     resumed = train(cfg_for(dataset, cut, "train.resume=latest", "train.checkpoint_every=4",
-                            "train.log_keys=true", wb), "cpu")
+                            "train.log_keys=true", *extra), "cpu")
     assert resumed["test_acc_ensemble"] == ref["test_acc_ensemble"]
     assert_same_model(final_model(full), final_model(cut))
     a = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
@@ -348,6 +352,39 @@ def test_p_refine_keeps_p_targets_in_the_candidate_sets(dataset, tmp_path, monke
     outside = max(float(out[~inside].max()) if (~inside).any() else 0.0 for inside, out in seen)
     # p_masked > 0 exactly on S (a softmax is never 0): the mass the targets put outside S
     assert (outside < 1e-6) if mode == "candidates" else (outside > 1e-3)
+
+
+@pytest.mark.parametrize("mode", ["own", "own_aligned"])
+def test_p_refine_own_is_the_no_co_pseudo_label_target_on_p_only(dataset, tmp_path, monkeypatch, mode):
+    """coreg.p_refine=own: P's targets are network B's own prediction restricted to S (no
+    refinement by A's committed prediction) while U keeps its co-guesses; with U's co-guesses
+    off too it is exactly co_pseudo_label=false, step for step (own_aligned: after DA, so not)."""
+    import coreg_dist.methods.coreg as coreg_mod
+    calls = {"refine": 0, "co_guess": 0}
+    real_refine, real_guess = coreg_mod.refine_labeled, coreg_mod.co_guess_unlabeled
+
+    def refine(*a, **k):
+        calls["refine"] += 1
+        return real_refine(*a, **k)
+
+    def guess(*a, **k):
+        calls["co_guess"] += 1
+        return real_guess(*a, **k)
+
+    monkeypatch.setattr(coreg_mod, "refine_labeled", refine)
+    monkeypatch.setattr(coreg_mod, "co_guess_unlabeled", guess)
+    train(cfg_for(dataset, str(tmp_path / "own"), "train.epochs=2", f"coreg.p_refine={mode}"), "cpu")
+    assert calls["refine"] == 0 and calls["co_guess"] > 0
+    monkeypatch.undo()
+    common = ("train.epochs=3",)
+    train(cfg_for(dataset, str(tmp_path / "a"), *common, f"coreg.p_refine={mode}",
+                  "coreg.co_guess_unlabeled=false"), "cpu")
+    train(cfg_for(dataset, str(tmp_path / "b"), *common, "coreg.co_pseudo_label=false"), "cpu")
+    if mode == "own":
+        assert_same_model(final_model(str(tmp_path / "a")), final_model(str(tmp_path / "b")))
+    else:
+        with pytest.raises(AssertionError):
+            assert_same_model(final_model(str(tmp_path / "a")), final_model(str(tmp_path / "b")))
 
 
 def test_p_refine_unknown_value_is_named(dataset, tmp_path):

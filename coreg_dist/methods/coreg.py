@@ -89,7 +89,10 @@ class CoRegConfig:
     refine_labeled: bool = True
     # P's refinement w * p_masked + (1 - w) * p_B: all (the published method: network B's
     # prediction over every class) | candidates (B's prediction restricted to S, as
-    # co_divide=false's targets are).
+    # co_divide=false's targets are) | own (B's current prediction restricted to S alone, as
+    # with co_pseudo_label=false, while U keeps its co-guesses: p_masked is A's prediction
+    # committed at the epoch's co-divide, an epoch old by its end) | own_aligned (own, after
+    # distribution alignment with B's mean prediction of this epoch's co-divide, as p_masked is).
     p_refine: str = "all"
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
@@ -143,7 +146,7 @@ class CoReg(Method):
                                     ("label_space_view", c.label_space_view, ("strong", "weak")),
                                     ("divide_view", c.divide_view, ("weak", "none")),
                                     ("u_guess", c.u_guess, ("all", "candidates", "adaptive")),
-                                    ("p_refine", c.p_refine, ("all", "candidates")),
+                                    ("p_refine", c.p_refine, ("all", "candidates", "own", "own_aligned")),
                                     ("da_prior", c.da_prior, ("uniform", "candidates"))):
             if value not in allowed:
                 raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
@@ -159,6 +162,7 @@ class CoReg(Method):
         self.prototypes = torch.zeros(info.num_classes, cfg.model.proj_dim, device=device)
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
+        self.da_mean, self.da_prior = [None, None], None   # this epoch's DA statistics
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -234,6 +238,7 @@ class CoReg(Method):
             mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
                     for k in range(2)]
             prior = self._da_prior(sums[2])
+        self.da_mean, self.da_prior = mean, prior
         # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
@@ -456,14 +461,17 @@ class CoReg(Method):
             xw = [self.weak(batch, "x"), self.weak(batch, "x")]
             lb_x1, z_weak = self.forward(b, xw[0], with_proj=True)
             pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(b, xw[1]), 1)]
-            if c.co_pseudo_label:
-                if c.refine_labeled:
-                    pb_ref = pb_x if c.p_refine == "all" else [masked_prediction(p, Y) for p in pb_x]
-                    tx = refine_labeled(p_masked, w, pb_ref, T=c.sharpen_temperature)
-                else:
-                    tx = sharpen(p_masked, c.sharpen_temperature)
-            else:   # the network's own candidate-restricted prediction
-                tx = sharpen(masked_prediction((pb_x[0] + pb_x[1]) / 2, Y), c.sharpen_temperature)
+            if not c.co_pseudo_label or c.p_refine in ("own", "own_aligned"):
+                # the network's own candidate-restricted prediction
+                pb = (pb_x[0] + pb_x[1]) / 2
+                if c.co_pseudo_label and c.p_refine == "own_aligned" and self.da_mean[b] is not None:
+                    pb = distribution_align(pb, prior=self.da_prior, mean=self.da_mean[b])
+                tx = sharpen(masked_prediction(pb, Y), c.sharpen_temperature)
+            elif c.refine_labeled:
+                pb_ref = pb_x if c.p_refine == "all" else [masked_prediction(p, Y) for p in pb_x]
+                tx = refine_labeled(p_masked, w, pb_ref, T=c.sharpen_temperature)
+            else:
+                tx = sharpen(p_masked, c.sharpen_temperature)
             if has_u:
                 uw = [self.weak(batch, "u"), self.weak(batch, "u")]
                 pb_u = [F.softmax(self.forward(b, v), 1) for v in uw]
@@ -570,7 +578,8 @@ class CoReg(Method):
         return {"nets": [n.state_dict() for n in self.nets],
                 "keys": [k.state_dict() for k in self.keys],
                 "queues": [q.state_dict() for q in self.queues],
-                "prototypes": self.prototypes, "history_len": self.history_len}
+                "prototypes": self.prototypes, "history_len": self.history_len,
+                "da_mean": [m for m in self.da_mean if m is not None], "da_prior": self.da_prior}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
@@ -579,3 +588,7 @@ class CoReg(Method):
             self.queues[i].load_state_dict(s["queues"][i])
         self.prototypes = s["prototypes"].to(self.device)
         self.history_len = int(s["history_len"])
+        if s.get("da_mean"):        # this epoch's DA statistics (coreg.p_refine=own_aligned)
+            self.da_mean = [m.to(self.device) for m in s["da_mean"]]
+        p = s.get("da_prior")
+        self.da_prior = None if p is None else p.to(self.device)
