@@ -92,7 +92,8 @@ class CoRegConfig:
     # co_divide=false's targets are) | own (B's current prediction restricted to S alone, as
     # with co_pseudo_label=false, while U keeps its co-guesses: p_masked is A's prediction
     # committed at the epoch's co-divide, an epoch old by its end) | own_aligned (own, after
-    # distribution alignment with B's mean prediction of this epoch's co-divide, as p_masked is).
+    # distribution alignment with B's mean prediction of this epoch's co-divide, as p_masked is;
+    # with distribution_alignment=false it is own).
     p_refine: str = "all"
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
@@ -162,7 +163,7 @@ class CoReg(Method):
         self.prototypes = torch.zeros(info.num_classes, cfg.model.proj_dim, device=device)
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
-        self.da_mean, self.da_prior = [None, None], None   # this epoch's DA statistics
+        self.da_mean, self.da_prior = [None, None], None   # set by each co-divide (begin_epoch)
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -220,7 +221,8 @@ class CoReg(Method):
         c, K = self.c, self.info.num_classes
         update = ctx.state_update(reset=("loss0", "loss1", "hit0", "hit1", "cover",
                                          "uin0", "uin1", "uhit0", "uhit1"))
-        mean, prior = [None, None], None
+        # DA's statistics of this co-divide, kept for the epoch (coreg.p_refine=own_aligned)
+        self.da_mean, self.da_prior = [None, None], None
         if c.distribution_alignment:
             # The DA mean is over every sample of every rank: one sweep for the sums first.
             sums, n = np.zeros((3, K)), 0          # net 1, net 2, candidate sets
@@ -235,10 +237,9 @@ class CoReg(Method):
                     sums[2] += (Y / Y.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
                 n += len(item.part)
             sums, n = self.coll.sum(sums), self.coll.sum(n)
-            mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
-                    for k in range(2)]
-            prior = self._da_prior(sums[2])
-        self.da_mean, self.da_prior = mean, prior
+            self.da_mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
+                            for k in range(2)]
+            self.da_prior = self._da_prior(sums[2])
         # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
@@ -251,8 +252,8 @@ class CoReg(Method):
                 values["cover"] = torch.where(known, cover.to(torch.int8), torch.full_like(cover, -1, dtype=torch.int8))
                 for k in range(2):
                     p = F.softmax(self.forward(k, self._divide_input(part.x, item.generator(k))), 1)
-                    if mean[k] is not None:
-                        p = distribution_align(p, prior=prior, mean=mean[k])
+                    if self.da_mean[k] is not None:
+                        p = distribution_align(p, prior=self.da_prior, mean=self.da_mean[k])
                     masked = masked_prediction(p, Y)
                     values[f"pred{k}"] = masked[Y > 0]            # per candidate, in class order
                     values[f"loss{k}"] = division_loss(p, Y)
@@ -579,7 +580,9 @@ class CoReg(Method):
                 "keys": [k.state_dict() for k in self.keys],
                 "queues": [q.state_dict() for q in self.queues],
                 "prototypes": self.prototypes, "history_len": self.history_len,
-                "da_mean": [m for m in self.da_mean if m is not None], "da_prior": self.da_prior}
+                # a mid-epoch resume does not redo the co-divide: its DA statistics travel here
+                "da_mean": None if self.da_mean[0] is None else torch.stack(self.da_mean),
+                "da_prior": self.da_prior}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
@@ -588,7 +591,6 @@ class CoReg(Method):
             self.queues[i].load_state_dict(s["queues"][i])
         self.prototypes = s["prototypes"].to(self.device)
         self.history_len = int(s["history_len"])
-        if s.get("da_mean"):        # this epoch's DA statistics (coreg.p_refine=own_aligned)
-            self.da_mean = [m.to(self.device) for m in s["da_mean"]]
-        p = s.get("da_prior")
+        m, p = s.get("da_mean"), s.get("da_prior")     # absent in checkpoints before them
+        self.da_mean = [None, None] if m is None else list(m.to(self.device))
         self.da_prior = None if p is None else p.to(self.device)
