@@ -30,8 +30,10 @@ Runs go seed-major (every cell and method with its first seed, then the second s
 Each (cell, method, seed) runs the trainer as a subprocess in WORKDIR/<cell>/<method>/seed<S>
 (log: train.log there). A run is finished when its report.json exists and the hash of its
 command (launcher, presets, overrides; not the run directory) recorded in grid_run.json
-matches: reruns skip finished runs, rerun runs whose definition changed (their old directory is
-deleted) and continue killed runs with train.resume=latest. A failing run is reported with its
+matches, and so does the hash of its resolved config (what the presets say now and the code's
+defaults: an edited preset or a changed default is a changed definition): reruns skip finished
+runs, rerun runs whose definition changed (their old directory is deleted) and continue killed
+runs with train.resume=latest. A failing run is reported with its
 exit code, log and last lines, and the grid goes on; the exit status is 1 if any run failed.
 Ctrl-C (or SIGTERM) stops the runs in flight with SIGTERM (they checkpoint), waits for them (a
 second Ctrl-C, or 120 s, kills them at once), writes the results so far and exits 130.
@@ -117,6 +119,9 @@ class Run:
     hash: str
     epochs: Optional[int] = None
     threads: Optional[int] = None  # its resolved run.threads (0: torch's default); None: not resolved
+    # sha256 of the resolved config (presets' contents and the code's defaults, not just their
+    # names): a changed default or an edited preset reruns the run. None: not resolved.
+    config_sha: Optional[str] = None
     config_error: str = ""
     status: str = ""           # done | new | resume | changed
     result: Dict = field(default_factory=dict)
@@ -276,12 +281,26 @@ def validate(grid: Grid, runs: List[Run]) -> None:
                 cfg = load_config(r.key["config"], r.key["overrides"])
                 r.epochs = int(cfg.train.epochs)
                 r.threads = int(cfg.run.threads)
+                r.config_sha = config_sha(cfg)
             except ConfigError as exc:
                 r.config_error = str(exc)
             except SystemExit as exc:
                 r.config_error = str(exc)
     finally:
         os.chdir(cwd)
+
+
+def config_sha(cfg) -> str:
+    """The resolved config's hash, without what names the place (UNHASHED_KEYS)."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in UNHASHED_KEYS:
+        *path, last = dotted.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def selected(run: Run, patterns: Sequence[str]) -> bool:
@@ -295,7 +314,10 @@ def status_of(run: Run) -> str:
     rec_path = os.path.join(run.run_dir, RUN_RECORD)
     rec = _read_json(rec_path)
     has_report = os.path.isfile(os.path.join(run.run_dir, "report.json"))
-    if rec is not None and rec.get("hash") == run.hash:
+    # a record from before config hashes (no config_sha256) is judged by its command alone
+    recorded = (rec or {}).get("config_sha256")
+    same_config = recorded is None or run.config_sha is None or recorded == run.config_sha
+    if rec is not None and rec.get("hash") == run.hash and same_config:
         return "done" if has_report else "resume"
     if rec is None and not os.path.exists(run.run_dir):
         return "new"
@@ -501,6 +523,8 @@ class Runner:
         rec_path = os.path.join(run.run_dir, RUN_RECORD)
         rec = _read_json(rec_path) or {"cell": run.cell, "method": run.method, "seed": run.seed,
                                        "hash": run.hash, "key": run.key, "attempts": []}
+        if run.config_sha is not None:
+            rec["config_sha256"] = run.config_sha
         rec["argv"] = argv
         attempt = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
         if self.jobs > 1:

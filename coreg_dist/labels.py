@@ -150,3 +150,62 @@ def synthetic_npll(true: np.ndarray, num_classes: int, q: float, eta: float,
         Y[i, true[i]] = False
         Y[i, rng.choice(outside)] = True
     return Y
+
+
+class CandidatePairs:
+    """How often two classes share a candidate set, counted over a stream of multi-hot rows.
+
+    Its summary, `companion_share`, is sum_i max_{j != i} n_ij / sum_i n_i: for a candidate
+    class, how often its most frequent companion comes with it (n_i: sets holding i; n_ij: sets
+    holding both). It is a label-free reading of partial-label learning's ambiguity degree (the
+    largest P(j in S | true y)): near 1 when the sets are habitual groups that always arrive
+    together (a top-k of one annotator: the same three look-alikes every time), low when the
+    wrong candidates vary from image to image. The first kind cannot be told apart by the sets;
+    a network that sharpens its own prediction inside them confirms whichever class it leans to.
+
+    Memory is bounded whatever the class count: pairs go to a table of min(C*C, max_buckets)
+    counters at (i*C + j) mod size, exact while C*C fits (C <= 2048 by default); beyond that
+    pairs share counters, which can only overcount (an upper estimate of the share). The table
+    and the class counts are plain arrays, summed across ranks by the caller's collectives.
+    """
+
+    def __init__(self, num_classes: int, max_buckets: int = 1 << 22):
+        self.num_classes = int(num_classes)
+        self.size = min(self.num_classes ** 2, int(max_buckets))
+        self.pairs = np.zeros(self.size)
+        self.classes = np.zeros(self.num_classes)
+
+    def add(self, Y: np.ndarray) -> None:
+        """Count the rows of a (n, C) multi-hot array."""
+        Y = np.asarray(Y) > 0
+        self.classes += Y.sum(axis=0)
+        rows, cls = np.nonzero(Y)             # row-major: each row's classes in order
+        if not len(rows):
+            return
+        sizes = np.bincount(rows, minlength=len(Y))
+        # every ordered pair (i, j), i != j, within a row: each member against the row's members
+        starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        reps = np.repeat(sizes, sizes)        # per member: its row's size
+        i = np.repeat(cls, reps)
+        j = cls[np.repeat(starts, reps) + _ranges(reps)]
+        keep = i != j
+        codes = (i[keep].astype(np.int64) * self.num_classes + j[keep]) % self.size
+        self.pairs += np.bincount(codes, minlength=self.size)
+
+    def companion_share(self, chunk: int = 1024) -> float:
+        C, total = self.num_classes, self.classes.sum()
+        if total <= 0:
+            return 0.0
+        best = 0.0
+        for start in range(0, C, chunk):
+            i = np.arange(start, min(C, start + chunk))[:, None]
+            j = np.arange(C)[None, :]
+            counts = np.where(i == j, 0.0, self.pairs[(i * C + j) % self.size])
+            best += counts.max(axis=1).sum()
+        return float(best / total)
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """[0..l0-1, 0..l1-1, ...] for lengths l."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)

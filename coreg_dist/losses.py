@@ -137,15 +137,23 @@ def distribution_align(probs: Tensor, prior: Optional[Tensor] = None,
     return q / q.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
-def division_loss(probs: Tensor, Y: Tensor, eps: float = 1e-12) -> Tensor:
-    """Division (max-candidate) loss [C]: ``l_i = -log max_{j in S_i} p_ij``.
+def division_loss(probs: Tensor, Y: Tensor, eps: float = 1e-12, reduce: str = "max") -> Tensor:
+    """Division loss: ``l_i = -log max_{j in S_i} p_ij`` [C] (reduce="max"), or
+    ``-log sum_{j in S_i} p_ij`` (reduce="sum": the partial-CE loss, low for a sample whose mass
+    stays in its set however it is spread there, so an ambiguous set is not taken for a noisy
+    one; equal to max on a single candidate).
 
-    ``probs`` should already be DA-aligned when DA is on. The maximum is clamped
+    ``probs`` should already be DA-aligned when DA is on. The value is clamped
     at ``eps`` (a row with an empty candidate set gives ``-log eps``; the
     authors' code has no clamp). Returns (B,) per-sample losses.
     """
     Yf = _as_float(Y, probs)
-    best = (probs * Yf).max(dim=1).values
+    if reduce == "max":
+        best = (probs * Yf).max(dim=1).values
+    elif reduce == "sum":
+        best = (probs * Yf).sum(dim=1)
+    else:
+        raise ValueError(f"division_loss: reduce must be max or sum, not {reduce!r}")
     return -torch.log(best.clamp_min(eps))
 
 

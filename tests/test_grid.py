@@ -137,6 +137,31 @@ def test_grid_runs_skips_and_reruns_changed(tmp_path, capsys):
         grid_mod.main(args + ["--dry-run", "--methods", "nope"])
 
 
+def test_an_edited_preset_reruns_its_runs(tmp_path, capsys):
+    """The command names a preset; what it says is part of the definition too (so is a changed
+    default of the code): editing it reruns the runs that stack it, not the others."""
+    gy, _ = write_fake_grid(tmp_path, bad_cell=False, seeds=(0,))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train:\n  lr: 0.05\n")
+    text = gy.read_text().replace("  coreg: [train.method=coreg]",
+                                  f"  coreg: {{overrides: [train.method=coreg], config: [{preset}]}}")
+    gy.write_text(text)
+    wd = str(tmp_path / "wd")
+    args = ["--grid", str(gy), "--workdir", wd]
+    assert grid_mod.main(args) == 0
+    rec = json.load(open(os.path.join(wd, "a", "coreg", "seed0", "grid_run.json")))
+    assert len(rec["config_sha256"]) == 16
+    assert grid_mod.main(args + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.count("skip (finished)") == 2
+    preset.write_text("train:\n  lr: 0.01\n")
+    assert grid_mod.main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 changed" in out and out.count("skip (finished)") == 1
+    assert grid_mod.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped a/pce/seed0" in out and "(definition changed: old run deleted, rerun)" in out
+
+
 # ----------------------------------------------------------------------------- --jobs
 # A stand-in trainer (no torch): takes the trainer's command line, sleeps through its epochs,
 # writes metrics.jsonl and report.json whose numbers depend only on (method, seed, epochs), logs

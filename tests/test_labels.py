@@ -66,3 +66,40 @@ def test_synthetic_npll_rates():
     # expected size: 1 + 9 q (the swap keeps the size)
     assert st["avg_candidates"] == pytest.approx(1 + 9 * 0.05, abs=0.02)
     assert Y.sum(1).min() >= 1
+
+
+def test_candidate_pairs_companion_share_exact_and_bounded():
+    """The share is sum_i max_{j != i} n_ij / sum_i n_i, the same however the rows arrive;
+    with fewer counters than pairs it can only overcount."""
+    rng = np.random.default_rng(0)
+    for C in (4, 13):
+        Y = rng.random((300, C)) < 0.3
+        Y[:20] = False                               # empty rows count nothing
+        Y[20:40] = np.eye(C, dtype=bool)[rng.integers(0, C, 20)]   # singletons: no pairs
+        S = Y.astype(float)
+        n_ij = S.T @ S
+        np.fill_diagonal(n_ij, 0)
+        want = n_ij.max(axis=1).sum() / S.sum()
+        whole, split = L.CandidatePairs(C), L.CandidatePairs(C)
+        whole.add(Y)
+        for part in np.array_split(Y, 7):
+            split.add(part)
+        assert np.array_equal(whole.pairs.reshape(C, C), n_ij)
+        assert whole.companion_share() == pytest.approx(want)
+        assert split.companion_share() == pytest.approx(want)
+        assert whole.companion_share(chunk=3) == pytest.approx(want)
+        small = L.CandidatePairs(C, max_buckets=5)
+        small.add(Y)
+        assert small.pairs.size == 5 and small.companion_share() >= want - 1e-12
+    # habitual groups (always the same three) against sets whose wrong members vary
+    habitual = np.zeros((90, 9), dtype=bool)
+    for g in range(3):
+        habitual[g * 30:(g + 1) * 30, 3 * g:3 * g + 3] = True
+    varied = np.zeros((90, 9), dtype=bool)
+    varied[np.arange(90), np.arange(90) % 9] = True
+    varied[np.arange(90), rng.integers(0, 9, 90)] = True
+    h, v = L.CandidatePairs(9), L.CandidatePairs(9)
+    h.add(habitual)
+    v.add(varied)
+    assert h.companion_share() == 1.0 and v.companion_share() < 0.5
+    assert L.CandidatePairs(3).companion_share() == 0.0

@@ -92,6 +92,15 @@ def test_division_loss_by_hand():
     assert out[0].item() == pytest.approx(-math.log(0.3))
     assert out[1].item() == pytest.approx(-math.log(0.6))
     assert torch.isfinite(out[2]) and out[2].item() == pytest.approx(-math.log(1e-12))
+    # sum: the mass on the set; a single candidate gives the same as max
+    out = L.division_loss(probs, Y, reduce="sum")
+    assert out[0].item() == pytest.approx(-math.log(0.5))
+    assert out[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert out[2].item() == pytest.approx(-math.log(1e-12))
+    single = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    assert torch.allclose(L.division_loss(probs, single, reduce="sum"), L.division_loss(probs, single))
+    with pytest.raises(ValueError, match="reduce"):
+        L.division_loss(probs, Y, reduce="mean")
 
 
 def test_minmax_normalize():

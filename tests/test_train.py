@@ -1,5 +1,6 @@
 """Trainer runs in one process on tiny real shards: Co-Reg and PCE, every switch, few-shot,
 per-sample state per shard, exact mid-epoch resume, no sample lost or seen twice."""
+import glob
 import json
 import os
 from collections import Counter
@@ -136,8 +137,8 @@ def keep_keys_before(run_dir, position):
 
 
 # own_aligned: P's targets use the DA statistics of the epoch's co-divide, which the checkpoint
-# must carry (a mid-epoch resume does not redo the co-divide)
-@pytest.mark.parametrize("p_refine", ["all", "own_aligned"])
+# must carry (a mid-epoch resume does not redo the co-divide); auto: its companion share too
+@pytest.mark.parametrize("p_refine", ["all", "own_aligned", "auto"])
 def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path, p_refine):
     full = str(tmp_path / "full")
     # warm-up batch factor 2: the step arithmetic below
@@ -385,6 +386,34 @@ def test_p_refine_own_is_the_no_co_pseudo_label_target_on_p_only(dataset, tmp_pa
     else:
         with pytest.raises(AssertionError):
             assert_same_model(final_model(str(tmp_path / "a")), final_model(str(tmp_path / "b")))
+
+
+def test_p_refine_auto_follows_the_candidate_sets_companion_share(dataset, tmp_path):
+    """coreg.p_refine=auto measures the sets' companion share at the first co-divide (over the
+    column as it is on disk), logs it, and then trains exactly as the mode it resolves to: all
+    at or above coreg.p_refine_auto_share, own_aligned below."""
+    from coreg_dist.labels import CandidatePairs
+    from coreg_dist.shards.reader import decode_field, iter_tar
+    pairs = CandidatePairs(4)
+    for path in sorted(glob.glob(os.path.join(dataset, "columns", "synthetic", "train-*.tar"))):
+        for _, fields in iter_tar(path):
+            Y = np.zeros((1, 4), dtype=bool)
+            Y[0, decode_field("cand.npy", fields["cand.npy"])] = True
+            pairs.add(Y)
+    want = pairs.companion_share()
+    assert 0.0 < want < 1.0
+    common = ("train.epochs=3",)
+    for share, mode in ((0.0, "all"), (1.01, "own_aligned")):
+        auto, fixed = str(tmp_path / f"auto{share}"), str(tmp_path / mode)
+        train(cfg_for(dataset, auto, *common, "coreg.p_refine=auto",
+                      f"coreg.p_refine_auto_share={share}"), "cpu")
+        train(cfg_for(dataset, fixed, *common, f"coreg.p_refine={mode}"), "cpu")
+        assert_same_model(final_model(auto), final_model(fixed))
+        lines = [json.loads(l) for l in open(os.path.join(auto, "metrics.jsonl"))]
+        assert "companion_share" not in lines[0]                 # warm-up: not measured yet
+        for l in lines[1:]:
+            assert l["companion_share"] == pytest.approx(want)
+            assert l["p_refine_own"] == int(mode != "all")
 
 
 def test_p_refine_unknown_value_is_named(dataset, tmp_path):

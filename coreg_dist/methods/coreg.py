@@ -10,9 +10,12 @@ One epoch, after warm-up (docs/coreg-method.md section 2):
                 loss into each shard's state -> [min-max with the all-reduced min/max] -> history
                 -> 2-component GMM fitted on all ranks' losses (all-reduced sufficient statistics)
                 -> w_k and the split P_k / U_k in the state. Both splits before any training.
+                The first one also counts the candidate sets' pairs (p_refine=auto).
   plan_epoch    network B trains on the split of A (cross use): |P_A| / B + 1 steps; each batch
                 takes B samples routed by "w_A > 0.5" (P) and B by "w_A <= 0.5" (U).
-  update        co-pseudo-labels (no grad) -> MixUp of 2 strong views of x and u -> L_pseu;
+  update        co-pseudo-labels (no grad; P's from A's committed prediction refined by B's, or
+                B's own aligned one where the sets are not habitual groups: p_refine=auto)
+                -> MixUp of 2 strong views of x and u -> L_pseu;
                 prototype loss, noisy contrastive loss (after warm_up + feature_start) over the
                 global batch (queries gathered with their gradient).
   after_step    prototype EMA and MoCo queue from all ranks' samples, key-encoder EMA.
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from coreg_dist.config import ConfigError
 from coreg_dist.data.stream import PassSpec, Route
 from coreg_dist.gmm import fit_gmm_1d, posterior_low_mean
+from coreg_dist.labels import CandidatePairs
 from coreg_dist.losses import (co_guess_unlabeled, distribution_align, division_loss,
                                label_space_loss, linear_rampup, masked_prediction, minmax_normalize,
                                mixup, negative_entropy, noisy_supcon_loss, partial_ce,
@@ -51,7 +55,7 @@ from coreg_dist.state import FieldSpec
 class CoRegConfig:
     """Every Co-Reg component, switchable for the paper's ablations. Defaults follow the authors'
     code except the robustness switches (divide_per_class, the weak single-batch warm-up,
-    pce_weight on P, MixUp off) chosen on the benchmark grid (README, "Robustness");
+    pce_weight on P, MixUp off, p_refine=auto) chosen on the benchmark grid (README, "Robustness");
     configs/coreg-published.yaml sets them back to the published method."""
     warm_up: int = 10                 # epochs of partial-CE warm-up
     warmup_neg_entropy: bool = True
@@ -71,6 +75,10 @@ class CoRegConfig:
                                       # candidates (the mean of each sample's candidate set spread
                                       # evenly over it: the annotators' class balance)
     da_prior_temperature: float = 1.0 # prior <- normalise(prior ** this) (the authors' prior_T)
+    # The loss the GMM divides on: max (the authors': -log of the largest candidate probability)
+    # | sum (-log of the mass on the candidate set: an ambiguous set whose mass stays inside is
+    # not taken for noise; max sends such clean samples to U, where they lose their set).
+    division_loss: str = "max"
     minmax_normalize: bool = True
     loss_history: int = 5             # epochs of division loss averaged
     gmm_max_iter: int = 10
@@ -93,8 +101,13 @@ class CoRegConfig:
     # with co_pseudo_label=false, while U keeps its co-guesses: p_masked is A's prediction
     # committed at the epoch's co-divide, an epoch old by its end) | own_aligned (own, after
     # distribution alignment with B's mean prediction of this epoch's co-divide, as p_masked is;
-    # with distribution_alignment=false it is own).
-    p_refine: str = "all"
+    # with distribution_alignment=false it is own) | auto (own_aligned, or all where the candidate
+    # sets are habitual groups: their companion share, labels.CandidatePairs, measured over every
+    # rank at the first co-divide, at least p_refine_auto_share). Measured (README): own_aligned
+    # is the best P target on the CLIP union and level on the synthetic columns (shares 0.09-0.44)
+    # but collapses on CLIP top-3 (share 0.74), where A's committed prediction carries Co-Reg.
+    p_refine: str = "auto"
+    p_refine_auto_share: float = 0.6
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
@@ -147,8 +160,9 @@ class CoReg(Method):
                                     ("label_space_view", c.label_space_view, ("strong", "weak")),
                                     ("divide_view", c.divide_view, ("weak", "none")),
                                     ("u_guess", c.u_guess, ("all", "candidates", "adaptive")),
-                                    ("p_refine", c.p_refine, ("all", "candidates", "own", "own_aligned")),
-                                    ("da_prior", c.da_prior, ("uniform", "candidates"))):
+                                    ("p_refine", c.p_refine, ("all", "candidates", "own", "own_aligned", "auto")),
+                                    ("da_prior", c.da_prior, ("uniform", "candidates")),
+                                    ("division_loss", c.division_loss, ("max", "sum"))):
             if value not in allowed:
                 raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
                                   f"({' | '.join(allowed)})")
@@ -164,6 +178,7 @@ class CoReg(Method):
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
         self.da_mean, self.da_prior = [None, None], None   # set by each co-divide (begin_epoch)
+        self.companion_share = None   # p_refine=auto: measured at the first co-divide, then kept
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -243,10 +258,14 @@ class CoReg(Method):
         # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
+        # p_refine=auto: the sets' companion share, counted once, in this sweep (no pass of its own)
+        pairs = CandidatePairs(K) if c.p_refine == "auto" and self.companion_share is None else None
         for item in ctx.sweep(tag=100):          # the same generators: the same weak views
             part, values = item.part, {}
             if len(part):
                 Y = part.Y
+                if pairs is not None:
+                    pairs.add(Y.cpu().numpy())
                 known = part.true >= 0
                 cover = Y[torch.arange(len(part), device=Y.device), part.true.clamp_min(0)] > 0
                 values["cover"] = torch.where(known, cover.to(torch.int8), torch.full_like(cover, -1, dtype=torch.int8))
@@ -256,7 +275,7 @@ class CoReg(Method):
                         p = distribution_align(p, prior=self.da_prior, mean=self.da_mean[k])
                     masked = masked_prediction(p, Y)
                     values[f"pred{k}"] = masked[Y > 0]            # per candidate, in class order
-                    values[f"loss{k}"] = division_loss(p, Y)
+                    values[f"loss{k}"] = division_loss(p, Y, reduce=c.division_loss)
                     values[f"plab{k}"] = masked.argmax(1).to(torch.int32)
                     hit = (values[f"plab{k}"] == part.true).to(torch.int8)
                     values[f"hit{k}"] = torch.where(known, hit, torch.full_like(hit, -1))
@@ -276,6 +295,12 @@ class CoReg(Method):
                 update.end_shard(item.shard)
         update.finish_sweep()
         metrics = {}
+        if pairs is not None:
+            pairs.pairs, pairs.classes = self.coll.sum(pairs.pairs), self.coll.sum(pairs.classes)
+            self.companion_share = pairs.companion_share()
+        if c.p_refine == "auto":
+            metrics.update({"companion_share": self.companion_share,
+                            "p_refine_own": int(self.p_refine_mode != "all")})
         if c.co_divide:
             self.history_len += 1
             for k in range(2):
@@ -286,6 +311,16 @@ class CoReg(Method):
         totals = update.commit(lambda st: self._shard_counts(st, thr))
         metrics.update(self._split_metrics(totals))
         return metrics
+
+    @property
+    def p_refine_mode(self) -> str:
+        """coreg.p_refine, with auto resolved by the candidate sets' companion share."""
+        c = self.c
+        if c.p_refine != "auto":
+            return c.p_refine
+        if self.companion_share is None:
+            raise RuntimeError("coreg.p_refine=auto is resolved at the first co-divide")
+        return "all" if self.companion_share >= c.p_refine_auto_share else "own_aligned"
 
     def _da_prior(self, candidate_sums: np.ndarray):
         """DA's target: None (uniform) or the candidate sets' class balance ** temperature."""
@@ -462,14 +497,15 @@ class CoReg(Method):
             xw = [self.weak(batch, "x"), self.weak(batch, "x")]
             lb_x1, z_weak = self.forward(b, xw[0], with_proj=True)
             pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(b, xw[1]), 1)]
-            if not c.co_pseudo_label or c.p_refine in ("own", "own_aligned"):
+            p_refine = self.p_refine_mode
+            if not c.co_pseudo_label or p_refine in ("own", "own_aligned"):
                 # the network's own candidate-restricted prediction
                 pb = (pb_x[0] + pb_x[1]) / 2
-                if c.co_pseudo_label and c.p_refine == "own_aligned" and self.da_mean[b] is not None:
+                if c.co_pseudo_label and p_refine == "own_aligned" and self.da_mean[b] is not None:
                     pb = distribution_align(pb, prior=self.da_prior, mean=self.da_mean[b])
                 tx = sharpen(masked_prediction(pb, Y), c.sharpen_temperature)
             elif c.refine_labeled:
-                pb_ref = pb_x if c.p_refine == "all" else [masked_prediction(p, Y) for p in pb_x]
+                pb_ref = pb_x if p_refine == "all" else [masked_prediction(p, Y) for p in pb_x]
                 tx = refine_labeled(p_masked, w, pb_ref, T=c.sharpen_temperature)
             else:
                 tx = sharpen(p_masked, c.sharpen_temperature)
@@ -582,7 +618,7 @@ class CoReg(Method):
                 "prototypes": self.prototypes, "history_len": self.history_len,
                 # a mid-epoch resume does not redo the co-divide: its DA statistics travel here
                 "da_mean": None if self.da_mean[0] is None else torch.stack(self.da_mean),
-                "da_prior": self.da_prior}
+                "da_prior": self.da_prior, "companion_share": self.companion_share}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
@@ -594,3 +630,4 @@ class CoReg(Method):
         m, p = s.get("da_mean"), s.get("da_prior")     # absent in checkpoints before them
         self.da_mean = [None, None] if m is None else list(m.to(self.device))
         self.da_prior = None if p is None else p.to(self.device)
+        self.companion_share = s.get("companion_share")
