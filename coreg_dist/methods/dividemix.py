@@ -45,6 +45,7 @@ class DivideMixConfig(CoRegConfig):
     loss_history: int = 1
     divide_per_class: bool = False
     u_guess: str = "all"
+    p_refine: str = "all"                 # px = w * label + (1 - w) * the trained network's own
     pce_weight: float = 0.0
     mixup: bool = True
     mixup_alpha: float = 4.0
