@@ -43,8 +43,8 @@ def main() -> None:
     cfg = load_config(None, [f"model.backbone={a.backbone}", f"model.bf16={a.bf16}",
                              f"model.channels_last={a.channels_last}", f"train.batch_size={a.batch}",
                              "coreg.warm_up=0", "coreg.feature_start=0",
-                             # no co-divide runs here to resolve p_refine=auto; own_aligned's
-                             # target costs what this one does
+                             # the default, set: p_refine=auto would need a co-divide, which
+                             # this loop does not run (own_aligned's target costs the same)
                              "coreg.p_refine=all"])
     coll = Collectives()
     method = build_method("coreg", cfg, DataInfo(a.classes, a.channels, a.size), a.device, coll)

@@ -273,4 +273,4 @@ def test_published_preset_is_the_authors_method():
             changed.append(key)
     # the project's robustness defaults differ from the published method (README)
     assert {"divide_per_class", "warmup_view", "warmup_batch_factor", "pce_weight",
-            "mixup", "p_refine"} <= set(changed)
+            "mixup"} <= set(changed)
