@@ -104,6 +104,13 @@ def to_multi_hot(indices: Sequence[int], num_classes: int, *, where: str = "") -
     return Y
 
 
+def segment_indices(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The flat indices of segments laid end to end (candidates stored per row, one row after
+    another): [s0, s0+1, .., s0+c0-1, s1, .., s1+c1-1, ...]."""
+    starts, counts = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+
 def candidate_stats(Y: np.ndarray, true: Optional[np.ndarray] = None) -> Dict[str, float]:
     """Average set size; with true labels also coverage P(true in S) and eta = 1 - coverage."""
     stats = {"n": int(len(Y)), "avg_candidates": float(Y.sum(axis=1).mean()) if len(Y) else 0.0}
@@ -184,13 +191,17 @@ class CandidatePairs:
             return
         sizes = np.bincount(rows, minlength=len(Y))
         # every ordered pair (i, j), i != j, within a row: each member against the row's members
-        starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
-        reps = np.repeat(sizes, sizes)        # per member: its row's size
+        starts = np.repeat(np.cumsum(sizes) - sizes, sizes)   # per member: its row's first member
+        reps = np.repeat(sizes, sizes)                         # per member: its row's size
         i = np.repeat(cls, reps)
-        j = cls[np.repeat(starts, reps) + _ranges(reps)]
+        j = cls[segment_indices(starts, reps)]
         keep = i != j
         codes = (i[keep].astype(np.int64) * self.num_classes + j[keep]) % self.size
         self.pairs += np.bincount(codes, minlength=self.size)
+
+    def all_reduce(self, coll) -> None:
+        """Sum the counts over every rank (coll: the collectives object; the identity in one process)."""
+        self.pairs, self.classes = coll.sum(self.pairs), coll.sum(self.classes)
 
     def companion_share(self, chunk: int = 1024) -> float:
         C, total = self.num_classes, self.classes.sum()
@@ -203,9 +214,3 @@ class CandidatePairs:
             counts = np.where(i == j, 0.0, self.pairs[(i * C + j) % self.size])
             best += counts.max(axis=1).sum()
         return float(best / total)
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """[0..l0-1, 0..l1-1, ...] for lengths l."""
-    ends = np.cumsum(lengths)
-    return np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)

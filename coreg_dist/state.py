@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from coreg_dist.io import atomic_path, atomic_write_json, read_json
+from coreg_dist.labels import segment_indices
 
 INDEX = "index.json"
 _VDIR = re.compile(r"^v(\d{5})$")
@@ -80,8 +81,7 @@ class ShardState:
 
     # ------------------------------------------------------------------ per-candidate fields
     def _flat_index(self, rows: np.ndarray) -> np.ndarray:
-        starts, counts = self.ptr[rows], self.ncand[rows]
-        return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        return segment_indices(self.ptr[rows], self.ncand[rows])
 
     def get_candidates(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Concatenated per-candidate values of `rows` (in row order)."""

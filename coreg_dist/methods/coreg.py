@@ -297,7 +297,7 @@ class CoReg(Method):
         update.finish_sweep()
         metrics = {}
         if pairs is not None:
-            pairs.pairs, pairs.classes = self.coll.sum(pairs.pairs), self.coll.sum(pairs.classes)
+            pairs.all_reduce(self.coll)
             self.companion_share = pairs.companion_share()
         if c.p_refine == "auto":
             metrics.update({"companion_share": self.companion_share,
