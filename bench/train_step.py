@@ -43,9 +43,10 @@ def main() -> None:
     cfg = load_config(None, [f"model.backbone={a.backbone}", f"model.bf16={a.bf16}",
                              f"model.channels_last={a.channels_last}", f"train.batch_size={a.batch}",
                              "coreg.warm_up=0", "coreg.feature_start=0",
-                             # the default, set: p_refine=auto would need a co-divide, which
-                             # this loop does not run (own_aligned's target costs the same)
-                             "coreg.p_refine=all"])
+                             # the published switches, set: auto would need a co-divide,
+                             # which this loop does not run (the own targets cost the same)
+                             "coreg.p_refine=all", "coreg.co_divide=true",
+                             "coreg.co_pseudo_label=true"])
     coll = Collectives()
     method = build_method("coreg", cfg, DataInfo(a.classes, a.channels, a.size), a.device, coll)
     engines = [build_engine(n, cfg, coll, a.device) for n in method.networks()]

@@ -101,6 +101,7 @@ def test_dividemix_is_coreg_with_the_authors_switches(dataset, tmp_path, monkeyp
     assert not (c.distribution_alignment or c.prototypes or c.contrastive or c.divide_per_class)
     assert c.pce_weight == 0 and c.label_space_view == "weak" and c.divide_view == "none"
     assert c.p_refine == "all" and c.u_guess == "all"    # not Co-Reg's choice by the sets
+    assert c.co_divide is True and c.co_pseudo_label is True
 
     def no_strong(*a, **k):
         raise AssertionError("DivideMix drew a strong view")

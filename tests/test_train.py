@@ -388,10 +388,17 @@ def test_p_refine_own_is_the_no_co_pseudo_label_target_on_p_only(dataset, tmp_pa
             assert_same_model(final_model(str(tmp_path / "a")), final_model(str(tmp_path / "b")))
 
 
-def test_p_refine_auto_follows_the_candidate_sets_companion_share(dataset, tmp_path):
-    """coreg.p_refine=auto measures the sets' companion share at the first co-divide (over the
-    column as it is on disk), logs it, and then trains exactly as the mode it resolves to: all
-    at or above coreg.p_refine_auto_share, own_aligned below."""
+# key: {auto_share: (the value auto resolves to, what it logs)}
+@pytest.mark.parametrize("key,resolved,logged", [
+    ("p_refine", {0.0: ("all", 0), 1.01: ("own_aligned", 1)}, "p_refine_own"),
+    ("co_pseudo_label", {0.0: ("true", 1), 1.01: ("false", 0)}, "co_pseudo_label"),
+    ("co_divide", {0.0: ("false", 0), 1.01: ("true", 1)}, "co_divide")])
+def test_auto_switches_follow_the_candidate_sets_companion_share(dataset, tmp_path, key, resolved,
+                                                                 logged):
+    """coreg.p_refine / co_pseudo_label / co_divide = auto measure the sets' companion share at
+    the first co-divide (over the column as it is on disk), log it, and then train exactly as
+    the value they resolve to: at or above coreg.auto_share (habitual groups) the published
+    targets without the division, below it the division with the network's own targets."""
     from coreg_dist.labels import CandidatePairs
     from coreg_dist.shards.reader import decode_field, iter_tar
     pairs = CandidatePairs(4)
@@ -403,19 +410,21 @@ def test_p_refine_auto_follows_the_candidate_sets_companion_share(dataset, tmp_p
     want = pairs.companion_share()
     assert 0.0 < want < 1.0
     common = ("train.epochs=3",)
-    for share, mode in ((0.0, "all"), (1.01, "own_aligned")):
-        auto, fixed = str(tmp_path / f"auto{share}"), str(tmp_path / mode)
-        train(cfg_for(dataset, auto, *common, "coreg.p_refine=auto",
-                      f"coreg.p_refine_auto_share={share}"), "cpu")
-        train(cfg_for(dataset, fixed, *common, f"coreg.p_refine={mode}"), "cpu")
+    for share, (value, flag) in resolved.items():
+        auto, fixed = str(tmp_path / f"auto{share}"), str(tmp_path / value)
+        train(cfg_for(dataset, auto, *common, f"coreg.{key}=auto", f"coreg.auto_share={share}"), "cpu")
+        train(cfg_for(dataset, fixed, *common, f"coreg.{key}={value}"), "cpu")
         assert_same_model(final_model(auto), final_model(fixed))
         lines = [json.loads(l) for l in open(os.path.join(auto, "metrics.jsonl"))]
         assert "companion_share" not in lines[0]                 # warm-up: not measured yet
         for l in lines[1:]:
             assert l["companion_share"] == pytest.approx(want)
-            assert l["p_refine_own"] == int(mode != "all")
+            assert l[logged] == flag
 
 
-def test_p_refine_unknown_value_is_named(dataset, tmp_path):
-    with pytest.raises(ConfigError, match="coreg.p_refine"):
-        train(cfg_for(dataset, str(tmp_path / "bad"), "coreg.p_refine=some"), "cpu")
+@pytest.mark.parametrize("key", ["p_refine", "co_pseudo_label", "co_divide"])
+def test_unknown_target_switch_value_is_named(dataset, tmp_path, key):
+    with pytest.raises(ConfigError, match=f"coreg.{key}"):
+        train(cfg_for(dataset, str(tmp_path / "bad"), f"coreg.{key}=some"), "cpu")
+
+

@@ -10,7 +10,9 @@ One epoch, after warm-up (docs/coreg-method.md section 2):
                 loss into each shard's state -> [min-max with the all-reduced min/max] -> history
                 -> 2-component GMM fitted on all ranks' losses (all-reduced sufficient statistics)
                 -> w_k and the split P_k / U_k in the state. Both splits before any training.
-                With p_refine=auto the first one also counts the candidate sets' pairs.
+                The first one also counts the candidate sets' pairs (their companion share):
+                with co_divide=auto (the default) sets that are habitual groups are not divided
+                (every sample P, w = 1), nor with co_divide=false.
   plan_epoch    network B trains on the split of A (cross use): |P_A| / B + 1 steps; each batch
                 takes B samples routed by "w_A > 0.5" (P) and B by "w_A <= 0.5" (U).
   update        co-pseudo-labels (no grad; P's from A's committed prediction refined by B's;
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -54,8 +56,8 @@ from coreg_dist.state import FieldSpec
 class CoRegConfig:
     """Every Co-Reg component, switchable for the paper's ablations. Defaults follow the authors'
     code except the robustness switches (divide_per_class, the weak single-batch warm-up,
-    pce_weight on P, MixUp off) chosen on the benchmark grid (README, "Robustness");
-    configs/coreg-published.yaml sets them back to the published method."""
+    pce_weight on P, MixUp off, co_divide by the candidate sets) chosen on the benchmark grid
+    (README, "Robustness"); configs/coreg-published.yaml sets them back to the published method."""
     warm_up: int = 10                 # epochs of partial-CE warm-up
     warmup_neg_entropy: bool = True
     # The authors warm up on strong views with twice the batch: fine for 50 epochs of 60,000
@@ -68,7 +70,14 @@ class CoRegConfig:
     divide_view: str = "weak"         # the co-divide sweep's input: weak view | none (DivideMix's
                                       # eval_train: the image as it is)
     # co-divide
-    co_divide: bool = True            # false: every sample is P with w = 1
+    # true (the published method) | false: every sample is P with w = 1 | auto (the default): false
+    # where the candidate sets are habitual groups (companion share, labels.CandidatePairs,
+    # measured at the first co-divide, at least auto_share), true elsewhere. Among habitual
+    # groups the division loss measures the ambiguity of a group the networks cannot split yet,
+    # not noise: the GMM sends clean sets to U, where they lose them. Measured (README): on CLIP
+    # top-3 (share 0.74) not dividing gains 1.9 points; elsewhere (shares 0.09-0.44) dividing
+    # is level or ahead, and auto trains exactly as true there.
+    co_divide: Any = "auto"
     distribution_alignment: bool = True
     da_prior: str = "uniform"         # DA's target distribution: uniform (the authors' default) |
                                       # candidates (the mean of each sample's candidate set spread
@@ -92,7 +101,13 @@ class CoRegConfig:
     divide_per_class: bool = True
     cross_use: bool = True            # false: each network trains on its own split
     # co-pseudo-labels
-    co_pseudo_label: bool = True      # false: targets from the network's own predictions only
+    # true (the published method) | false: targets from the network's own predictions only |
+    # auto: false where the candidate sets are not habitual groups (their companion share,
+    # measured as for p_refine=auto, below auto_share), true where they are. Measured (README):
+    # own targets gain on the CLIP union and the 6-epoch demo cell (shares 0.44) and are level on
+    # the synthetic columns, but collapse Co-Reg on CLIP top-3 (share 0.74). Not the default:
+    # `make demo`'s 9 epochs ended 2.1 points below true.
+    co_pseudo_label: Any = True
     refine_labeled: bool = True
     # P's refinement w * p_masked + (1 - w) * p_B: all (the published method: network B's
     # prediction over every class) | candidates (B's prediction restricted to S, as
@@ -102,13 +117,15 @@ class CoRegConfig:
     # distribution alignment with B's mean prediction of this epoch's co-divide, as p_masked is;
     # with distribution_alignment=false it is own) | auto (own_aligned, or all where the candidate
     # sets are habitual groups: their companion share, labels.CandidatePairs, measured over every
-    # rank at the first co-divide, at least p_refine_auto_share). Measured (README): own_aligned
+    # rank at the first co-divide, at least auto_share). Measured (README): own_aligned
     # is the best P target on the CLIP union and level on the synthetic columns (shares 0.09-0.44)
     # but collapses on CLIP top-3 (share 0.74), where A's committed prediction carries Co-Reg.
     # Not the default: on `make demo`'s 9 epochs its accuracy swung 2 points from epoch to epoch
     # and ended 2.2 below all's.
     p_refine: str = "all"
-    p_refine_auto_share: float = 0.6
+    # The companion share from which the sets count as habitual groups: there the auto switches
+    # keep the published targets (p_refine, co_pseudo_label) and do not divide (co_divide).
+    auto_share: float = 0.6
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
@@ -167,6 +184,11 @@ class CoReg(Method):
             if value not in allowed:
                 raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
                                   f"({' | '.join(allowed)})")
+        for key in ("co_divide", "co_pseudo_label"):
+            value = c[key]
+            if not (value is True or value is False or value == "auto"):
+                raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
+                                  "(true | false | auto)")
         if c.warmup_batch_factor < 1:
             raise ConfigError(f"config key '{self.name}.warmup_batch_factor': {c.warmup_batch_factor} "
                               "(>= 1)")
@@ -179,7 +201,7 @@ class CoReg(Method):
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
         self.da_mean, self.da_prior = [None, None], None   # set by each co-divide (begin_epoch)
-        self.companion_share = None   # p_refine=auto: measured at the first co-divide, then kept
+        self.companion_share = None   # the auto switches: measured at the first co-divide, then kept
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -259,8 +281,8 @@ class CoReg(Method):
         # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
-        # p_refine=auto: the sets' companion share, counted once, in this sweep (no pass of its own)
-        pairs = CandidatePairs(K) if c.p_refine == "auto" and self.companion_share is None else None
+        # the auto switches: the sets' companion share, counted once, in this sweep (no pass of its own)
+        pairs = CandidatePairs(K) if self._uses_share and self.companion_share is None else None
         for item in ctx.sweep(tag=100):          # the same generators: the same weak views
             part, values = item.part, {}
             if len(part):
@@ -299,10 +321,15 @@ class CoReg(Method):
         if pairs is not None:
             pairs.all_reduce(self.coll)
             self.companion_share = pairs.companion_share()
+        if self._uses_share:
+            metrics["companion_share"] = self.companion_share
         if c.p_refine == "auto":
-            metrics.update({"companion_share": self.companion_share,
-                            "p_refine_own": int(self.p_refine_mode != "all")})
-        if c.co_divide:
+            metrics["p_refine_own"] = int(self.p_refine_mode != "all")
+        if c.co_pseudo_label == "auto":
+            metrics["co_pseudo_label"] = int(self.co_pseudo_label_on)
+        if c.co_divide == "auto":
+            metrics["co_divide"] = int(self.co_divide_on)
+        if self.co_divide_on:
             self.history_len += 1
             for k in range(2):
                 metrics.update(self._divide(k, update, (cls_lo[k], cls_hi[k])))
@@ -314,14 +341,36 @@ class CoReg(Method):
         return metrics
 
     @property
+    def _uses_share(self) -> bool:
+        return "auto" in (self.c.p_refine, self.c.co_pseudo_label, self.c.co_divide)
+
+    def _habitual_groups(self, key: str) -> bool:
+        """The auto switches' one reading: are the candidate sets habitual groups (companion share
+        at least coreg.auto_share)? There the co-pseudo-labels carry Co-Reg and dividing costs."""
+        if self.companion_share is None:
+            raise RuntimeError(f"coreg.{key}=auto is resolved at the first co-divide")
+        return self.companion_share >= self.c.auto_share
+
+    @property
     def p_refine_mode(self) -> str:
         """coreg.p_refine, with auto resolved by the candidate sets' companion share."""
-        c = self.c
-        if c.p_refine != "auto":
-            return c.p_refine
-        if self.companion_share is None:
-            raise RuntimeError("coreg.p_refine=auto is resolved at the first co-divide")
-        return "all" if self.companion_share >= c.p_refine_auto_share else "own_aligned"
+        if self.c.p_refine != "auto":
+            return self.c.p_refine
+        return "all" if self._habitual_groups("p_refine") else "own_aligned"
+
+    @property
+    def co_divide_on(self) -> bool:
+        """coreg.co_divide, with auto resolved by the candidate sets' companion share."""
+        if self.c.co_divide != "auto":
+            return bool(self.c.co_divide)
+        return not self._habitual_groups("co_divide")
+
+    @property
+    def co_pseudo_label_on(self) -> bool:
+        """coreg.co_pseudo_label, with auto resolved by the candidate sets' companion share."""
+        if self.c.co_pseudo_label != "auto":
+            return bool(self.c.co_pseudo_label)
+        return self._habitual_groups("co_pseudo_label")
 
     def _da_prior(self, candidate_sums: np.ndarray):
         """DA's target: None (uniform) or the candidate sets' class balance ** temperature."""
@@ -498,11 +547,11 @@ class CoReg(Method):
             xw = [self.weak(batch, "x"), self.weak(batch, "x")]
             lb_x1, z_weak = self.forward(b, xw[0], with_proj=True)
             pb_x = [F.softmax(lb_x1, 1), F.softmax(self.forward(b, xw[1]), 1)]
-            p_refine = self.p_refine_mode
-            if not c.co_pseudo_label or p_refine in ("own", "own_aligned"):
+            p_refine, copl = self.p_refine_mode, self.co_pseudo_label_on
+            if not copl or p_refine in ("own", "own_aligned"):
                 # the network's own candidate-restricted prediction
                 pb = (pb_x[0] + pb_x[1]) / 2
-                if c.co_pseudo_label and p_refine == "own_aligned" and self.da_mean[b] is not None:
+                if copl and p_refine == "own_aligned" and self.da_mean[b] is not None:
                     pb = distribution_align(pb, prior=self.da_prior, mean=self.da_mean[b])
                 tx = sharpen(masked_prediction(pb, Y), c.sharpen_temperature)
             elif c.refine_labeled:
@@ -513,7 +562,7 @@ class CoReg(Method):
             if has_u:
                 uw = [self.weak(batch, "u"), self.weak(batch, "u")]
                 pb_u = [F.softmax(self.forward(b, v), 1) for v in uw]
-                if c.co_pseudo_label and c.co_guess_unlabeled:
+                if copl and c.co_guess_unlabeled:
                     pa_u = [F.softmax(self.forward(a, v), 1) for v in uw]
                     tu = co_guess_unlabeled(pa_u, pb_u, T=c.sharpen_temperature)
                 else:

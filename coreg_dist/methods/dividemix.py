@@ -24,7 +24,7 @@ and backbone, optimizer and schedule are the trainer's, the same for every metho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -45,6 +45,8 @@ class DivideMixConfig(CoRegConfig):
     loss_history: int = 1
     divide_per_class: bool = False
     u_guess: str = "all"
+    co_divide: Any = True                 # the authors' switches, not Co-Reg's choice by the sets
+    co_pseudo_label: Any = True
     p_refine: str = "all"                 # px = w * label + (1 - w) * the trained network's own
     pce_weight: float = 0.0
     mixup: bool = True
