@@ -412,8 +412,9 @@ def test_auto_switches_follow_the_candidate_sets_companion_share(dataset, tmp_pa
     common = ("train.epochs=3",)
     for share, (value, flag) in resolved.items():
         auto, fixed = str(tmp_path / f"auto{share}"), str(tmp_path / value)
+        # the same threshold in both runs: the default co_divide=auto reads it too
         train(cfg_for(dataset, auto, *common, f"coreg.{key}=auto", f"coreg.auto_share={share}"), "cpu")
-        train(cfg_for(dataset, fixed, *common, f"coreg.{key}={value}"), "cpu")
+        train(cfg_for(dataset, fixed, *common, f"coreg.{key}={value}", f"coreg.auto_share={share}"), "cpu")
         assert_same_model(final_model(auto), final_model(fixed))
         lines = [json.loads(l) for l in open(os.path.join(auto, "metrics.jsonl"))]
         assert "companion_share" not in lines[0]                 # warm-up: not measured yet
