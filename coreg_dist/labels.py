@@ -181,11 +181,13 @@ class CandidatePairs:
         self.size = min(self.num_classes ** 2, int(max_buckets))
         self.pairs = np.zeros(self.size)
         self.classes = np.zeros(self.num_classes)
+        self.rows = np.zeros(1)               # sets counted (an array: summed like the others)
 
     def add(self, Y: np.ndarray) -> None:
         """Count the rows of a (n, C) multi-hot array."""
         Y = np.asarray(Y) > 0
         self.classes += Y.sum(axis=0)
+        self.rows += Y.any(axis=1).sum()      # an empty row is no set
         rows, cls = np.nonzero(Y)             # row-major: each row's classes in order
         if not len(rows):
             return
@@ -202,6 +204,11 @@ class CandidatePairs:
     def all_reduce(self, coll) -> None:
         """Sum the counts over every rank (coll: the collectives object; the identity in one process)."""
         self.pairs, self.classes = coll.sum(self.pairs), coll.sum(self.classes)
+        self.rows = coll.sum(self.rows)
+
+    def mean_set_size(self) -> float:
+        """Candidates per set, over the sets counted."""
+        return float(self.classes.sum() / self.rows[0]) if self.rows[0] > 0 else 0.0
 
     def companion_share(self, chunk: int = 1024) -> float:
         C, total = self.num_classes, self.classes.sum()

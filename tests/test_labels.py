@@ -88,6 +88,9 @@ def test_candidate_pairs_companion_share_exact_and_bounded():
         assert whole.companion_share() == pytest.approx(want)
         assert split.companion_share() == pytest.approx(want)
         assert whole.companion_share(chunk=3) == pytest.approx(want)
+        sets = S[S.sum(axis=1) > 0]                  # the mean set size: over non-empty rows
+        assert whole.mean_set_size() == pytest.approx(sets.sum() / len(sets))
+        assert split.mean_set_size() == pytest.approx(sets.sum() / len(sets))
         small = L.CandidatePairs(C, max_buckets=5)
         small.add(Y)
         assert small.pairs.size == 5 and small.companion_share() >= want - 1e-12
@@ -102,4 +105,4 @@ def test_candidate_pairs_companion_share_exact_and_bounded():
     h.add(habitual)
     v.add(varied)
     assert h.companion_share() == 1.0 and v.companion_share() < 0.5
-    assert L.CandidatePairs(3).companion_share() == 0.0
+    assert L.CandidatePairs(3).companion_share() == 0.0 == L.CandidatePairs(3).mean_set_size()

@@ -388,6 +388,19 @@ def test_p_refine_own_is_the_no_co_pseudo_label_target_on_p_only(dataset, tmp_pa
             assert_same_model(final_model(str(tmp_path / "a")), final_model(str(tmp_path / "b")))
 
 
+def column_pairs(dataset):
+    """The candidate-pair counts of the test column, as it is on disk."""
+    from coreg_dist.labels import CandidatePairs
+    from coreg_dist.shards.reader import decode_field, iter_tar
+    pairs = CandidatePairs(4)
+    for path in sorted(glob.glob(os.path.join(dataset, "columns", "synthetic", "train-*.tar"))):
+        for _, fields in iter_tar(path):
+            Y = np.zeros((1, 4), dtype=bool)
+            Y[0, decode_field("cand.npy", fields["cand.npy"])] = True
+            pairs.add(Y)
+    return pairs
+
+
 # key: {auto_share: (the value auto resolves to, what it logs)}
 @pytest.mark.parametrize("key,resolved,logged", [
     ("p_refine", {0.0: ("all", 0), 1.01: ("own_aligned", 1)}, "p_refine_own"),
@@ -399,15 +412,7 @@ def test_auto_switches_follow_the_candidate_sets_companion_share(dataset, tmp_pa
     the first co-divide (over the column as it is on disk), log it, and then train exactly as
     the value they resolve to: at or above coreg.auto_share (habitual groups) the published
     targets without the division, below it the division with the network's own targets."""
-    from coreg_dist.labels import CandidatePairs
-    from coreg_dist.shards.reader import decode_field, iter_tar
-    pairs = CandidatePairs(4)
-    for path in sorted(glob.glob(os.path.join(dataset, "columns", "synthetic", "train-*.tar"))):
-        for _, fields in iter_tar(path):
-            Y = np.zeros((1, 4), dtype=bool)
-            Y[0, decode_field("cand.npy", fields["cand.npy"])] = True
-            pairs.add(Y)
-    want = pairs.companion_share()
+    want = column_pairs(dataset).companion_share()
     assert 0.0 < want < 1.0
     common = ("train.epochs=3",)
     for share, (value, flag) in resolved.items():
@@ -421,6 +426,21 @@ def test_auto_switches_follow_the_candidate_sets_companion_share(dataset, tmp_pa
         for l in lines[1:]:
             assert l["companion_share"] == pytest.approx(want)
             assert l[logged] == flag
+
+
+def test_co_divide_auto_does_not_divide_large_sets(dataset, tmp_path):
+    """co_divide=auto also keeps every sample in P where the sets hold coreg.auto_set_size
+    candidates or more on average (measured on the column on disk, logged), whatever the share."""
+    size = column_pairs(dataset).mean_set_size()
+    assert 1.0 < size < 2.5
+    common = ("train.epochs=3", "coreg.auto_share=1.01")
+    for threshold, divides in ((size - 0.01, False), (size + 0.01, True)):
+        auto, fixed = str(tmp_path / f"auto{threshold}"), str(tmp_path / f"fixed{divides}")
+        train(cfg_for(dataset, auto, *common, f"coreg.auto_set_size={threshold}"), "cpu")
+        train(cfg_for(dataset, fixed, *common, f"coreg.co_divide={str(divides).lower()}"), "cpu")
+        assert_same_model(final_model(auto), final_model(fixed))
+        for l in [json.loads(l) for l in open(os.path.join(auto, "metrics.jsonl"))][1:]:
+            assert l["mean_set_size"] == pytest.approx(size) and l["co_divide"] == int(divides)
 
 
 @pytest.mark.parametrize("key", ["p_refine", "co_pseudo_label", "co_divide"])

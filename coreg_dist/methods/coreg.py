@@ -71,12 +71,16 @@ class CoRegConfig:
                                       # eval_train: the image as it is)
     # co-divide
     # true (the published method) | false: every sample is P with w = 1 | auto (the default): false
-    # where the candidate sets are habitual groups (companion share, labels.CandidatePairs,
-    # measured at the first co-divide, at least auto_share), true elsewhere. Among habitual
-    # groups the division loss measures the ambiguity of a group the networks cannot split yet,
-    # not noise: the GMM sends clean sets to U, where they lose them. Measured (README): on CLIP
-    # top-3 (share 0.74) not dividing gains 1.9 points; elsewhere (shares 0.09-0.44) dividing
-    # is level or ahead, and auto trains exactly as true there.
+    # where the candidate sets are ambiguous, true elsewhere. Ambiguous: habitual groups
+    # (companion share, labels.CandidatePairs, at least auto_share) or large (at least
+    # auto_set_size candidates on average), both measured at the first co-divide. There the
+    # division loss, -log of the largest candidate probability, measures how far the networks
+    # are from choosing among the candidates, not whether the set is wrong: the GMM sends clean
+    # sets to U, where they lose them. Measured (README): not dividing gains 1.9 points on CLIP
+    # top-3 (share 0.74, 3.0 candidates), 0.5 on synthetic q=0.25 (3.25) and 1.3 on a held-out
+    # column (4.15, configs/grids/heldout.yaml), on 12 epochs; on 20 epochs of q=0.25 (the
+    # reproduction cell) dividing was 1.0 ahead: long schedules may want true. On the sets of
+    # 1.45-1.63 candidates dividing is level or ahead, and auto trains exactly as true there.
     co_divide: Any = "auto"
     distribution_alignment: bool = True
     da_prior: str = "uniform"         # DA's target distribution: uniform (the authors' default) |
@@ -126,6 +130,8 @@ class CoRegConfig:
     # The companion share from which the sets count as habitual groups: there the auto switches
     # keep the published targets (p_refine, co_pseudo_label) and do not divide (co_divide).
     auto_share: float = 0.6
+    auto_set_size: float = 2.5        # co_divide=auto: from this many candidates per set on
+                                      # average, no division (0: off, the share alone decides)
     co_guess_unlabeled: bool = True
     sharpen_temperature: float = 0.5
     use_unlabeled: bool = True        # false: discard U (ablation)
@@ -201,7 +207,8 @@ class CoReg(Method):
         self.u_outside_weight = [1.0, 1.0]   # set by plan_epoch from the split's totals
         self.history_len = 0          # co-divide epochs recorded in the loss history
         self.da_mean, self.da_prior = [None, None], None   # set by each co-divide (begin_epoch)
-        self.companion_share = None   # the auto switches: measured at the first co-divide, then kept
+        # the auto switches' readings of the candidate sets: measured at the first co-divide, kept
+        self.companion_share, self.mean_set_size = None, None
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -321,8 +328,9 @@ class CoReg(Method):
         if pairs is not None:
             pairs.all_reduce(self.coll)
             self.companion_share = pairs.companion_share()
+            self.mean_set_size = pairs.mean_set_size()
         if self._uses_share:
-            metrics["companion_share"] = self.companion_share
+            metrics.update(companion_share=self.companion_share, mean_set_size=self.mean_set_size)
         if c.p_refine == "auto":
             metrics["p_refine_own"] = int(self.p_refine_mode != "all")
         if c.co_pseudo_label == "auto":
@@ -363,7 +371,8 @@ class CoReg(Method):
         """coreg.co_divide, with auto resolved by the candidate sets' companion share."""
         if self.c.co_divide != "auto":
             return bool(self.c.co_divide)
-        return not self._habitual_groups("co_divide")
+        large = 0 < self.c.auto_set_size <= self.mean_set_size
+        return not (self._habitual_groups("co_divide") or large)
 
     @property
     def co_pseudo_label_on(self) -> bool:
@@ -668,7 +677,8 @@ class CoReg(Method):
                 "prototypes": self.prototypes, "history_len": self.history_len,
                 # a mid-epoch resume does not redo the co-divide: its DA statistics travel here
                 "da_mean": None if self.da_mean[0] is None else torch.stack(self.da_mean),
-                "da_prior": self.da_prior, "companion_share": self.companion_share}
+                "da_prior": self.da_prior, "companion_share": self.companion_share,
+                "mean_set_size": self.mean_set_size}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
@@ -680,4 +690,6 @@ class CoReg(Method):
         m, p = s.get("da_mean"), s.get("da_prior")     # absent in checkpoints before them
         self.da_mean = [None, None] if m is None else list(m.to(self.device))
         self.da_prior = None if p is None else p.to(self.device)
-        self.companion_share = s.get("companion_share")
+        self.companion_share, self.mean_set_size = s.get("companion_share"), s.get("mean_set_size")
+        if self.mean_set_size is None:   # a checkpoint from before the set size: count both again
+            self.companion_share = None
