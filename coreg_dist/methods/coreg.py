@@ -289,7 +289,7 @@ class CoReg(Method):
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
         # the auto switches: the sets' companion share, counted once, in this sweep (no pass of its own)
-        pairs = CandidatePairs(K) if self._uses_share and self.companion_share is None else None
+        pairs = CandidatePairs(K) if self._reads_sets and self.companion_share is None else None
         for item in ctx.sweep(tag=100):          # the same generators: the same weak views
             part, values = item.part, {}
             if len(part):
@@ -329,7 +329,7 @@ class CoReg(Method):
             pairs.all_reduce(self.coll)
             self.companion_share = pairs.companion_share()
             self.mean_set_size = pairs.mean_set_size()
-        if self._uses_share:
+        if self._reads_sets:
             metrics.update(companion_share=self.companion_share, mean_set_size=self.mean_set_size)
         if c.p_refine == "auto":
             metrics["p_refine_own"] = int(self.p_refine_mode != "all")
@@ -349,37 +349,35 @@ class CoReg(Method):
         return metrics
 
     @property
-    def _uses_share(self) -> bool:
+    def _reads_sets(self) -> bool:
+        """Whether a switch is auto: then the first co-divide reads the candidate sets."""
         return "auto" in (self.c.p_refine, self.c.co_pseudo_label, self.c.co_divide)
 
-    def _habitual_groups(self, key: str) -> bool:
-        """The auto switches' one reading: are the candidate sets habitual groups (companion share
-        at least coreg.auto_share)? There the co-pseudo-labels carry Co-Reg and dividing costs."""
+    def _resolve(self, key: str, ambiguous, plain, by_size: bool = False):
+        """coreg.<key>, with auto resolved by the candidate sets read at the first co-divide:
+        `ambiguous` where they are habitual groups (companion share at least coreg.auto_share;
+        with by_size also where they hold coreg.auto_set_size candidates or more on average, if
+        that is > 0), `plain` elsewhere. Among habitual groups the co-pseudo-labels carry Co-Reg;
+        on habitual or large sets dividing costs."""
+        value = self.c[key]
+        if value != "auto":
+            return value
         if self.companion_share is None:
             raise RuntimeError(f"coreg.{key}=auto is resolved at the first co-divide")
-        return self.companion_share >= self.c.auto_share
+        large = by_size and 0 < self.c.auto_set_size <= self.mean_set_size
+        return ambiguous if self.companion_share >= self.c.auto_share or large else plain
 
     @property
     def p_refine_mode(self) -> str:
-        """coreg.p_refine, with auto resolved by the candidate sets' companion share."""
-        if self.c.p_refine != "auto":
-            return self.c.p_refine
-        return "all" if self._habitual_groups("p_refine") else "own_aligned"
+        return self._resolve("p_refine", "all", "own_aligned")
 
     @property
     def co_divide_on(self) -> bool:
-        """coreg.co_divide, with auto resolved by the candidate sets' companion share."""
-        if self.c.co_divide != "auto":
-            return bool(self.c.co_divide)
-        large = 0 < self.c.auto_set_size <= self.mean_set_size
-        return not (self._habitual_groups("co_divide") or large)
+        return bool(self._resolve("co_divide", False, True, by_size=True))
 
     @property
     def co_pseudo_label_on(self) -> bool:
-        """coreg.co_pseudo_label, with auto resolved by the candidate sets' companion share."""
-        if self.c.co_pseudo_label != "auto":
-            return bool(self.c.co_pseudo_label)
-        return self._habitual_groups("co_pseudo_label")
+        return bool(self._resolve("co_pseudo_label", True, False))
 
     def _da_prior(self, candidate_sums: np.ndarray):
         """DA's target: None (uniform) or the candidate sets' class balance ** temperature."""
