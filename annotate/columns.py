@@ -419,8 +419,10 @@ def _next_inputs(iters: Dict, paths: Dict[str, str], src: str, key: str,
 
 
 def _remove_leftovers(dst: str, before: float) -> None:
-    """Temporary files of this shard left by a task that died (older than this write)."""
-    for p in glob.glob(glob.escape(dst) + ".tmp-*"):
+    """Temporary files of this shard and of its commit marker left by a task that died (older
+    than this write): a task killed between the tar's rename and the marker's leaves the
+    marker's."""
+    for p in glob.glob(glob.escape(dst) + ".tmp-*") + glob.glob(glob.escape(stats_path(dst)) + ".tmp-*"):
         try:
             if os.path.getmtime(p) < before:
                 os.unlink(p)

@@ -262,7 +262,10 @@ def test_status_counts_done_pending_stale_failed_and_errors(clip_ds, capsys):
     corrupt_images(root, "train-000004", rows={5})          # one undecodable image
     annotate_clip(load_config(None, ov), "cpu")
     col = lambda s: column_shard_path(root, "clip", s)
-    os.unlink(stats_path(col("train-000001")))                                # pending
+    os.unlink(stats_path(col("train-000001")))                                # pending,
+    dead_marker = stats_path(col("train-000001")) + ".tmp-crashed"            # killed while
+    open(dead_marker, "wb").write(b"{")                                       # committing
+    os.utime(dead_marker, (os.path.getmtime(dead_marker) - 60,) * 2)
     os.unlink(stats_path(col("train-000002")))                                # failed:
     open(col("train-000002") + ".tmp-crashed", "wb").write(b"partial")        # a dead writer's file
     old = os.path.getmtime(col("train-000002") + ".tmp-crashed") - 60
@@ -294,6 +297,7 @@ def test_status_counts_done_pending_stale_failed_and_errors(clip_ds, capsys):
     assert "train-000003" in capsys.readouterr().err
     assert main(["clip", *ov, "annotator.overwrite=true"]) == 0
     assert not glob.glob(col("train-000002") + ".tmp-*")       # the dead writer's file is gone
+    assert not os.path.exists(dead_marker)                     # and the dead commit's
     capsys.readouterr()
     assert main(["status", *ov, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
