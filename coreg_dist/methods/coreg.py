@@ -288,8 +288,9 @@ class CoReg(Method):
         # Per pseudo-class min / max of the division loss (coreg.divide_per_class), kept while
         # sweeping: no second pass over the state files.
         cls_lo, cls_hi = np.full((2, K), np.inf), np.full((2, K), -np.inf)
-        # the auto switches: the sets' companion share, counted once, in this sweep (no pass of its own)
-        pairs = CandidatePairs(K) if self._reads_sets and self.companion_share is None else None
+        # the auto switches: the sets' companion share and size, counted once, in this sweep (no
+        # pass of its own); again after a checkpoint that predates the size, which has the share
+        pairs = CandidatePairs(K) if self._reads_sets and self.mean_set_size is None else None
         for item in ctx.sweep(tag=100):          # the same generators: the same weak views
             part, values = item.part, {}
             if len(part):
@@ -689,5 +690,3 @@ class CoReg(Method):
         self.da_mean = [None, None] if m is None else list(m.to(self.device))
         self.da_prior = None if p is None else p.to(self.device)
         self.companion_share, self.mean_set_size = s.get("companion_share"), s.get("mean_set_size")
-        if self.mean_set_size is None:   # a checkpoint from before the set size: count both again
-            self.companion_share = None
