@@ -249,6 +249,15 @@ class TrainConfig:
                                       # coreg_dist.augment.RANDAUG_OPS, drawn uniformly in the order
                                       # given); empty = all 14, in RANDAUG_OPS order
     eval_batch_size: int = 1024       # per-rank batch of the sweeps (co-divide, evaluation)
+    # The class prior predictions are aligned to (coreg_dist/output_prior.py): a per-class logit
+    # bias, fitted before each evaluation so that the mean prediction on unlabelled training images
+    # is this prior. none (the networks' own argmax; the default: a collection's class balance is
+    # not known) | uniform (balanced classes, the prior Co-Reg's DA assumes; the Fashion-MNIST
+    # presets) | candidates (the candidate sets' class balance). Every method gets it; the metrics
+    # keep the accuracy without it (raw_test_acc_*). Measured (README, "Output alignment").
+    output_prior: str = "none"
+    output_prior_samples: int = 10000  # images it is fitted on: the first training shards, in name
+                                      # order, that hold this many (the same set at any world size)
     grad_clip: float = 0.0            # clip each network's gradient norm to this (0 = off)
     checkpoint_every: int = 0         # also checkpoint every this many optimizer steps (0 = per epoch only)
     keep_checkpoints: int = 2         # how many complete checkpoints to keep

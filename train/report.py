@@ -47,6 +47,7 @@ TABLE_ROWS = (
     ("test_acc_net2", "Test acc net2", "pct"),
     ("test_acc_ensemble", "Test acc ensemble", "pct"),
     ("test_acc", "Test acc (the method's prediction)", "pct"),
+    ("raw_test_acc", "Test acc without the output alignment (train.output_prior)", "pct"),
     ("epochs", "Epochs", "int"),
     ("seconds", "Time", "seconds"),
 )

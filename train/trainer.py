@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from coreg_dist.config import Config, save_config, to_dict
+from coreg_dist.config import Config, ConfigError, save_config, to_dict
 from coreg_dist.data.stream import (PassSpec, ShardSource, StreamContext, StreamPlan, iterate_pass,
                                     iterate_sweep, plan_streams, rank_streams, require_scores,
                                     sweep_shards)
@@ -32,6 +32,7 @@ from coreg_dist.data.transform import ImageTransform, channels_for_mode, probe_i
 from coreg_dist.dist import init_distributed
 from coreg_dist.engines import build_engine, full_parameters, uneven_forwards
 from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
+from coreg_dist.output_prior import PRIORS, fit_logit_bias, prior_shards, target_prior
 from coreg_dist.progress import progress
 from coreg_dist.shards.format import (FormatError, Manifest, check_column_current,
                                       read_column_info, read_manifest, require_column_shards)
@@ -86,6 +87,12 @@ class Trainer:
         self.global_step = 0
         self.t_start = time.time()
         self.stop = StopRequest()
+        if cfg.train.output_prior not in PRIORS:
+            raise ConfigError(f"config key 'train.output_prior': unknown value '{cfg.train.output_prior}' "
+                              f"(one of {', '.join(PRIORS)})")
+        if cfg.train.output_prior != "none" and cfg.train.output_prior_samples < 1:
+            raise ConfigError("config key 'train.output_prior_samples' must be >= 1 "
+                              f"(got {cfg.train.output_prior_samples}); train.output_prior=none turns it off")
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -155,6 +162,8 @@ class Trainer:
             require_scores(self.stream_ctx, manifest.shards("train")[0].name)
         train_counts = {s.name: s.n for s in manifest.shards("train")}
         self.train_sweep = sweep_shards(train_counts, coll.rank, W, cfg.run.seed)
+        self.prior_sweep = sweep_shards(prior_shards(train_counts, cfg.train.output_prior_samples),
+                                        coll.rank, W, cfg.run.seed)
         test_counts = {s.name: s.n for s in manifest.shards("test")}
         self.test_sweep = sweep_shards(test_counts, coll.rank, W, cfg.run.seed)
         self.n_manifest = sum(train_counts.values())
@@ -334,42 +343,76 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> Dict:
-        """Test accuracy of each network and of the ensemble; the confusion matrix (C <= 256)."""
+        """Test accuracy of each network and of the ensemble, with the output alignment and without
+        (raw_acc); the confusion matrix (C <= 256) of the final prediction."""
         for e in self.engines:
             e.sync_buffers()
-        ctx = replace(self.stream_ctx, column="", state_version=-1)
         with uneven_forwards(self.engines):
-            return self._evaluate(ctx)
+            bias = self._output_bias()
+            return self._evaluate(replace(self.stream_ctx, column="", state_version=-1), bias)
 
-    def _evaluate(self, ctx) -> Dict:
+    def _output_bias(self) -> Dict[str, torch.Tensor]:
+        """Per output (net1, net2, ensemble), the logit bias that aligns its mean prediction on the
+        prior sweep's images to train.output_prior ({} when none). Collective."""
+        kind = self.cfg.train.output_prior
+        if kind == "none":
+            return {}
+        ctx = replace(self.stream_ctx, column=self.stream_ctx.column if kind == "candidates" else "",
+                      state_version=-1)
+        logits: Dict[str, List[torch.Tensor]] = {}
+        mass = np.zeros(self.K)
+        for part, out in self._predict_sweep(ctx, self.prior_sweep, need_label=False):
+            for name, o in out.items():
+                logits.setdefault(name, []).append(o)
+            if part.Y is not None:
+                mass += (part.Y / np.maximum(part.Y.sum(1, keepdims=True), 1)).sum(0)
+        prior = target_prior(kind, self.coll.sum(mass) if kind == "candidates" else None, self.K)
+        names = sorted(set().union(*self.coll.all_gather_object(sorted(logits))))  # a rank may have none
+        empty = torch.zeros(0, self.K, device=self.device)
+        return {name: fit_logit_bias(torch.cat(logits.get(name, [empty])), prior, self.coll).to(self.device)
+                for name in names}
+
+    def _predict_sweep(self, ctx, shards: List[str], need_label: bool):
+        """(the batch's samples as numpy, each output's logits) over `shards`, data problems logged."""
+        for b in iterate_sweep(ctx, shards, self.cfg.train.eval_batch_size, image_shape=self.image_shape,
+                               need_label=need_label, num_workers=self.cfg.data.num_workers,
+                               prefetch=self.cfg.data.prefetch):
+            report_events(self.errors, b.errors, self.coll.rank)
+            if len(b.part):
+                yield b.part, self.method.predict_each(to_device_part(b.part, self.device).x)
+
+    def _evaluate(self, ctx, bias: Dict[str, torch.Tensor]) -> Dict:
         K = self.K
         confusion = np.zeros((K, K), dtype=np.int64) if K <= 256 else None
         correct: Dict[str, int] = {}
+        raw: Dict[str, int] = {}
         n = 0
-        for b in iterate_sweep(ctx, self.test_sweep, self.cfg.train.eval_batch_size,
-                               image_shape=self.image_shape, need_label=True,
-                               num_workers=self.cfg.data.num_workers, prefetch=self.cfg.data.prefetch):
-            report_events(self.errors, b.errors, self.coll.rank)
-            if not len(b.part):
-                continue
-            part = to_device_part(b.part, self.device)
-            out = self.method.predict_each(part.x)
+        for part, out in self._predict_sweep(ctx, self.test_sweep, need_label=True):
+            true = torch.as_tensor(part.true, device=self.device)
             for name, logits in out.items():
-                correct[name] = correct.get(name, 0) + int((logits.argmax(1) == part.true).sum())
+                raw[name] = raw.get(name, 0) + int((logits.argmax(1) == true).sum())
+                if name in bias:
+                    out[name] = logits = logits + bias[name]
+                correct[name] = correct.get(name, 0) + int((logits.argmax(1) == true).sum())
             final = out.get("ensemble", out["net1"]).argmax(1).cpu().numpy()
             if confusion is not None:
-                np.add.at(confusion, (b.part.true, final), 1)
+                np.add.at(confusion, (part.true, final), 1)
             n += len(part)
         merged: Dict[str, int] = {}
-        for c in self.coll.all_gather_object(correct):
+        merged_raw: Dict[str, int] = {}
+        for c, r in self.coll.all_gather_object((correct, raw)):
             for k, v in c.items():
                 merged[k] = merged.get(k, 0) + v
+                merged_raw[k] = merged_raw.get(k, 0) + r[k]
         n = self.coll.sum(n)
         if confusion is not None:
             confusion = self.coll.sum(confusion)
         if n == 0:
             raise ValueError("the test split has no labelled sample to evaluate on")
-        return {"acc": {k: v / n for k, v in sorted(merged.items())}, "n": n, "confusion": confusion}
+        return {"acc": {k: v / n for k, v in sorted(merged.items())},
+                "raw_acc": {k: v / n for k, v in sorted(merged_raw.items())} if bias else {},
+                "bias": {k: v.cpu().tolist() for k, v in sorted(bias.items())},
+                "n": n, "confusion": confusion}
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int, pi: int, step: int, mid_epoch: bool, acc: Dict,
@@ -480,6 +523,8 @@ class Trainer:
         rec = {k: sums[k] / max(counts[k], 1) for k in sorted(sums)}
         for name, a in result["acc"].items():
             rec[f"test_acc_{name}"] = a
+        for name, a in result["raw_acc"].items():
+            rec[f"raw_test_acc_{name}"] = a
         busy = acc["compute_s"] + acc["wait_s"]
         rec.update({"lr": self.method.lr_at(epoch), "steps": acc["steps"],
                     "samples_per_s": acc["samples"] / max(busy, 1e-9),
@@ -536,6 +581,10 @@ def build_report(cfg, manifest, result, method, seconds, device, config_file, er
         if "ensemble" in acc:
             report["test_acc_ensemble"] = acc["ensemble"]
     report["test_acc"] = acc.get("ensemble", acc["net1"])
+    report["output_prior"] = cfg.train.output_prior
+    if result["raw_acc"]:     # the same prediction without the output alignment, and its bias
+        report["raw_test_acc"] = result["raw_acc"].get("ensemble", result["raw_acc"]["net1"])
+        report["output_bias"] = result["bias"].get("ensemble", result["bias"]["net1"])
     if method.num_networks == 1:
         report["test_acc_net1"] = acc["net1"]
     report.update({"epochs": cfg.train.epochs, "seconds": round(seconds, 1),
