@@ -257,7 +257,9 @@ class TrainConfig:
     # keep the accuracy without it (raw_test_acc_*). Measured (README, "Output alignment").
     output_prior: str = "none"
     output_prior_samples: int = 10000  # images it is fitted on: the first training shards, in name
-                                      # order, that hold this many (the same set at any world size)
+                                      # order, that hold this many (the same set at any world size);
+                                      # their logits stay on the device while it fits: this / ranks
+                                      # x classes x 3 outputs floats (1e4 x 21k classes: 2.5 GB / ranks)
     grad_clip: float = 0.0            # clip each network's gradient norm to this (0 = off)
     checkpoint_every: int = 0         # also checkpoint every this many optimizer steps (0 = per epoch only)
     keep_checkpoints: int = 2         # how many complete checkpoints to keep
