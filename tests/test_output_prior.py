@@ -74,6 +74,8 @@ def test_alignment_changes_predictions_not_training(dataset, tmp_path):
     assert_same_model(final_model(aligned), final_model(plain))
     assert rep["output_prior"] == "uniform" and len(rep["output_bias"]) == 4
     assert rep["raw_test_acc"] == ref["test_acc"] and "raw_test_acc" not in ref
+    assert "without the output alignment" in open(os.path.join(aligned, "report.md")).read()
+    assert "without the output alignment" not in open(os.path.join(plain, "report.md")).read()
     lines = [json.loads(l) for l in open(os.path.join(aligned, "metrics.jsonl"))]
     ref_lines = [json.loads(l) for l in open(os.path.join(plain, "metrics.jsonl"))]
     for a, b in zip(lines, ref_lines):
