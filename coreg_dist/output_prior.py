@@ -20,6 +20,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from coreg_dist.config import ConfigError
+
 PRIORS = ("uniform", "candidates", "none")
 
 
@@ -35,18 +37,36 @@ def prior_shards(shard_counts: Dict[str, int], samples: int) -> Dict[str, int]:
     return chosen
 
 
-def target_prior(kind: str, candidate_mass: Optional[np.ndarray], num_classes: int) -> torch.Tensor:
-    """The distribution predictions are aligned to: uniform, or the candidate sets' class balance
-    (each set's mass spread evenly over its candidates, summed over the pool)."""
+def candidate_mass(Y: torch.Tensor) -> np.ndarray:
+    """(K,) each candidate set's unit mass spread evenly over its candidates, summed per class."""
+    Y = Y.double()
+    return (Y / Y.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
+
+
+def target_prior(kind: str, mass: Optional[np.ndarray], num_classes: int,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """A class prior (float64): uniform, or the candidate sets' class balance (`mass`, summed
+    `candidate_mass` over the pool) ** temperature, normalised. Co-Reg's DA prior is the same."""
     if kind == "uniform":
         return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
-    if kind == "candidates":
-        mass = np.asarray(candidate_mass, dtype=np.float64)
-        if mass.sum() <= 0:
-            raise ValueError("train.output_prior=candidates: the pool swept holds no candidate set")
-        mass = np.maximum(mass, 1e-6 * mass.sum())     # a class no set names keeps a little mass
-        return torch.as_tensor(mass / mass.sum())
-    raise ValueError(f"config key 'train.output_prior': unknown value '{kind}' (one of {', '.join(PRIORS)})")
+    if kind != "candidates":
+        raise ValueError(f"unknown class prior '{kind}' (train.output_prior, coreg.da_prior: "
+                         "uniform or candidates)")
+    mass = np.asarray(mass, dtype=np.float64)
+    if mass.sum() <= 0:
+        raise ValueError("the candidates prior: the pool swept holds no candidate set")
+    prior = np.maximum(mass, 1e-12) ** temperature     # a class no set names keeps a little mass
+    return torch.as_tensor(prior / prior.sum())
+
+
+def check_config(train) -> None:
+    """The `train.output_prior*` keys, before any training."""
+    if train.output_prior not in PRIORS:
+        raise ConfigError(f"config key 'train.output_prior': unknown value '{train.output_prior}' "
+                          f"(one of {', '.join(PRIORS)})")
+    if train.output_prior != "none" and train.output_prior_samples < 1:
+        raise ConfigError("config key 'train.output_prior_samples' must be >= 1 "
+                          f"(got {train.output_prior_samples}); train.output_prior=none turns it off")
 
 
 @torch.no_grad()

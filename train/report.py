@@ -252,13 +252,12 @@ def plot_accuracy(path, report, hist) -> bool:
         ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=3, lw=1.6,
                 color=_NET_COLORS.get(net, None), label=f"{label} (last {ys[-1]:.2f}%)")
     # The method's prediction without the output alignment (train.output_prior), where it was on.
-    raw = next(((k, s) for k in ("raw_test_acc_ensemble", "raw_test_acc_net1")
-                for s in [_series(hist, k)] if s is not None), None)
-    if raw is not None:
-        xs, ys = _pct_series(raw[1])
+    raw = [(key, net) for key, net in _variants(hist, "raw_test_acc") if net in ("net1", "ensemble")]
+    if raw:
+        key, net = raw[-1]                       # the ensemble where there is one
+        xs, ys = _pct_series(_series(hist, key))
         ys_all.append(ys)
-        ax.plot(xs, ys, ls="--", lw=1.2, color="tab:gray",
-                label=f"{raw[0][len('raw_test_acc_'):]}, not aligned (last {ys[-1]:.2f}%)")
+        ax.plot(xs, ys, ls="--", lw=1.2, color="tab:gray", label=f"{net}, not aligned (last {ys[-1]:.2f}%)")
     zs = _num(report.get("annotator_zero_shot_acc"))
     if zs is not None:
         ax.axhline(_as_pct(zs), color="tab:red", ls="--", lw=1.2,

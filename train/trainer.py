@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from coreg_dist.config import Config, ConfigError, save_config, to_dict
+from coreg_dist.config import Config, save_config, to_dict
 from coreg_dist.data.stream import (PassSpec, ShardSource, StreamContext, StreamPlan, iterate_pass,
                                     iterate_sweep, plan_streams, rank_streams, require_scores,
                                     sweep_shards)
@@ -32,7 +32,8 @@ from coreg_dist.data.transform import ImageTransform, channels_for_mode, probe_i
 from coreg_dist.dist import init_distributed
 from coreg_dist.engines import build_engine, full_parameters, uneven_forwards
 from coreg_dist.methods.base import Batch, DataInfo, PassRng, build_method
-from coreg_dist.output_prior import PRIORS, fit_logit_bias, prior_shards, target_prior
+from coreg_dist.output_prior import check_config as check_output_prior
+from coreg_dist.output_prior import candidate_mass, fit_logit_bias, prior_shards, target_prior
 from coreg_dist.progress import progress
 from coreg_dist.shards.format import (FormatError, Manifest, check_column_current,
                                       read_column_info, read_manifest, require_column_shards)
@@ -87,12 +88,7 @@ class Trainer:
         self.global_step = 0
         self.t_start = time.time()
         self.stop = StopRequest()
-        if cfg.train.output_prior not in PRIORS:
-            raise ConfigError(f"config key 'train.output_prior': unknown value '{cfg.train.output_prior}' "
-                              f"(one of {', '.join(PRIORS)})")
-        if cfg.train.output_prior != "none" and cfg.train.output_prior_samples < 1:
-            raise ConfigError("config key 'train.output_prior_samples' must be >= 1 "
-                              f"(got {cfg.train.output_prior_samples}); train.output_prior=none turns it off")
+        check_output_prior(cfg.train)
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -365,7 +361,7 @@ class Trainer:
             for name, o in out.items():
                 logits.setdefault(name, []).append(o)
             if part.Y is not None:
-                mass += (part.Y / np.maximum(part.Y.sum(1, keepdims=True), 1)).sum(0)
+                mass += candidate_mass(torch.as_tensor(part.Y))
         prior = target_prior(kind, self.coll.sum(mass) if kind == "candidates" else None, self.K)
         names = sorted(set().union(*self.coll.all_gather_object(sorted(logits))))  # a rank may have none
         empty = torch.zeros(0, self.K, device=self.device)

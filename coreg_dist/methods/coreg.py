@@ -49,6 +49,7 @@ from coreg_dist.losses import (co_guess_unlabeled, distribution_align, division_
 from coreg_dist.methods._moco import MoCoQueue, copy_to_key, ema_to_key, key_encoder
 from coreg_dist.methods.base import Batch, DataInfo, Method, StepOutput
 from coreg_dist.methods.registry import register_method
+from coreg_dist.output_prior import candidate_mass, target_prior
 from coreg_dist.state import FieldSpec
 
 
@@ -278,8 +279,7 @@ class CoReg(Method):
                     p = F.softmax(self.forward(k, self._divide_input(item.part.x, item.generator(k))), 1)
                     sums[k] += p.sum(0).double().cpu().numpy()
                 if c.da_prior == "candidates":
-                    Y = item.part.Y.double()
-                    sums[2] += (Y / Y.sum(1, keepdim=True).clamp_min(1)).sum(0).cpu().numpy()
+                    sums[2] += candidate_mass(item.part.Y)
                 n += len(item.part)
             sums, n = self.coll.sum(sums), self.coll.sum(n)
             self.da_mean = [torch.as_tensor(sums[k] / max(n, 1), dtype=torch.float32, device=self.device)
@@ -385,8 +385,8 @@ class CoReg(Method):
         c = self.c
         if c.da_prior == "uniform":
             return None
-        prior = np.maximum(candidate_sums, 1e-12) ** c.da_prior_temperature
-        return torch.as_tensor(prior / prior.sum(), dtype=torch.float32, device=self.device)
+        return target_prior("candidates", candidate_sums, len(candidate_sums),
+                            c.da_prior_temperature).to(self.device, torch.float32)
 
     def _divide(self, k: int, update, class_range) -> Dict:
         c = self.c
