@@ -129,6 +129,13 @@ class GMM1D:
         """Index of the component with the smaller mean (the "clean" one)."""
         return int(np.argmin(self.means))
 
+    @property
+    def separation(self) -> float:
+        """Ashman's D, |m1 - m2| * sqrt(2 / (v1 + v2)): how far apart the two components are in
+        units of their spread. Above about 2 the mixture is bimodal; near 0 it is one bump split
+        in two, and a division on it is arbitrary."""
+        return float(abs(self.means[0] - self.means[1]) * np.sqrt(2.0 / max(float(self.variances.sum()), 1e-300)))
+
     def predict_proba(self, x: DataLike):
         """(n, 2) posteriors for the local data ``x``; a list of per-chunk (n_c, 2) for a chunk source."""
         if _is_chunk_source(x):

@@ -432,3 +432,14 @@ def test_array_chunks_validation():
     assert [c.tolist() for c in ArrayChunks(np.arange(5.0), 2)] == [[0, 1], [2, 3], [4]]
     col = np.arange(12.0).reshape(6, 2)[:, 1]  # strided 1-D view: sliced, never copied whole
     assert np.array_equal(np.concatenate(list(ArrayChunks(col, 4))), col)
+
+
+def test_separation_is_ashmans_d():
+    """GMM1D.separation: |m1 - m2| * sqrt(2 / (v1 + v2)), what coreg.divide_start=separated reads;
+    the fitted mixture of two well-apart samples is far above 2, of one normal sample below."""
+    g = GMM1D([0.5, 0.5], [0.0, 3.0], [1.0, 0.5])
+    assert g.separation == pytest.approx(3.0 * np.sqrt(2.0 / 1.5))
+    rng = np.random.default_rng(0)
+    apart = np.concatenate([rng.normal(0, 0.1, 2000), rng.normal(1, 0.1, 2000)])
+    assert fit_gmm_1d(apart)[0].separation > 6
+    assert fit_gmm_1d(rng.normal(0, 1, 4000))[0].separation < 2

@@ -443,7 +443,28 @@ def test_co_divide_auto_does_not_divide_large_sets(dataset, tmp_path):
             assert l["mean_set_size"] == pytest.approx(size) and l["co_divide"] == int(divides)
 
 
-@pytest.mark.parametrize("key", ["p_refine", "co_pseudo_label", "co_divide"])
+def test_divide_start_separated_waits_for_the_gmm_to_separate(dataset, tmp_path):
+    """coreg.divide_start=separated fits the GMM and logs its separation (Ashman's D) at every
+    co-divide, but keeps every sample in P (w = 1), training exactly as co_divide=false, until D
+    reaches coreg.divide_separation; from a separation already met it trains exactly as the
+    published start."""
+    common = ("train.epochs=3", "coreg.co_divide=true", "coreg.divide_start=separated")
+    for threshold, same_as in ((1e9, "coreg.co_divide=false"), (0.0, "coreg.divide_start=epoch")):
+        run, ref = str(tmp_path / f"sep{threshold}"), str(tmp_path / f"ref{threshold}")
+        train(cfg_for(dataset, run, *common, f"coreg.divide_separation={threshold}"), "cpu")
+        train(cfg_for(dataset, ref, *common, same_as), "cpu")
+        assert_same_model(final_model(run), final_model(ref))
+        lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))][1:]
+        assert lines
+        for l in lines:
+            for k in (1, 2):
+                assert l[f"gmm_separation_net{k}"] > 0
+                assert l[f"divided_net{k}"] == int(threshold == 0.0)
+                if threshold:
+                    assert l[f"n_u_net{k}"] == 0
+
+
+@pytest.mark.parametrize("key", ["p_refine", "co_pseudo_label", "co_divide", "divide_start"])
 def test_unknown_target_switch_value_is_named(dataset, tmp_path, key):
     with pytest.raises(ConfigError, match=f"coreg.{key}"):
         train(cfg_for(dataset, str(tmp_path / "bad"), f"coreg.{key}=some"), "cpu")

@@ -83,6 +83,13 @@ class CoRegConfig:
     # reproduction cell) dividing was 1.0 ahead: long schedules may want true. On the sets of
     # 1.45-1.63 candidates dividing is level or ahead, and auto trains exactly as true there.
     co_divide: Any = "auto"
+    # When a network's division starts: epoch (the published method: at the first co-divide,
+    # warm_up) | separated (from the first co-divide whose GMM components are at least
+    # divide_separation apart, Ashman's D, GMM1D.separation; until then every sample is P with
+    # w = 1, as co_divide=false; once started it stays on). The GMM is fitted, and the loss
+    # history kept, from warm_up either way. Measured (README): TODO
+    divide_start: str = "epoch"
+    divide_separation: float = 2.5
     distribution_alignment: bool = True
     da_prior: str = "uniform"         # DA's target distribution: uniform (the authors' default) |
                                       # candidates (the mean of each sample's candidate set spread
@@ -187,6 +194,7 @@ class CoReg(Method):
                                     ("u_guess", c.u_guess, ("all", "candidates", "adaptive")),
                                     ("p_refine", c.p_refine, ("all", "candidates", "own", "own_aligned", "auto")),
                                     ("da_prior", c.da_prior, ("uniform", "candidates")),
+                                    ("divide_start", c.divide_start, ("epoch", "separated")),
                                     ("division_loss", c.division_loss, ("max", "sum"))):
             if value not in allowed:
                 raise ConfigError(f"config key '{self.name}.{key}': unknown value '{value}' "
@@ -210,6 +218,7 @@ class CoReg(Method):
         self.da_mean, self.da_prior = [None, None], None   # set by each co-divide (begin_epoch)
         # the auto switches' readings of the candidate sets: measured at the first co-divide, kept
         self.companion_share, self.mean_set_size = None, None
+        self.dividing = [c.divide_start == "epoch"] * 2   # coreg.divide_start: started, per network
 
     def state_fields(self) -> Dict[str, FieldSpec]:
         H = max(1, self.c.loss_history)
@@ -414,6 +423,16 @@ class CoReg(Method):
         update.map(record)
         gmm, info = fit_gmm_1d(update.chunks(f"avg{k}"), max_iter=c.gmm_max_iter, tol=c.gmm_tol,
                                reg_covar=c.gmm_reg_covar, allreduce=self.coll.allreduce_fn())
+        # the same GMM on every rank: every rank takes the same decision
+        self.dividing[k] = self.dividing[k] or gmm.separation >= c.divide_separation
+        stats = {f"gmm_means_net{k + 1}": [float(m) for m in gmm.means],
+                 f"gmm_weights_net{k + 1}": [float(w) for w in gmm.weights],
+                 f"gmm_vars_net{k + 1}": [float(v) for v in gmm.variances],
+                 f"gmm_iter_net{k + 1}": int(info["n_iter"]),
+                 f"gmm_separation_net{k + 1}": gmm.separation, f"divided_net{k + 1}": int(self.dividing[k])}
+        if not self.dividing[k]:
+            update.map(lambda st: st.arrays[f"w{k}"].fill(1.0))
+            return stats
 
         def weigh(st):
             avg = st.arrays[f"avg{k}"]
@@ -425,10 +444,7 @@ class CoReg(Method):
                 w[st.arrays["fixed"] >= 0] = 1.0     # [D] few-shot clean labels are always P
             st.arrays[f"w{k}"] = w
         update.map(weigh)
-        return {f"gmm_means_net{k + 1}": [float(m) for m in gmm.means],
-                f"gmm_weights_net{k + 1}": [float(w) for w in gmm.weights],
-                f"gmm_vars_net{k + 1}": [float(v) for v in gmm.variances],
-                f"gmm_iter_net{k + 1}": int(info["n_iter"])}
+        return stats
 
     @staticmethod
     def _shard_counts(st, thr: float) -> Dict[str, int]:
@@ -677,7 +693,7 @@ class CoReg(Method):
                 # a mid-epoch resume does not redo the co-divide: its DA statistics travel here
                 "da_mean": None if self.da_mean[0] is None else torch.stack(self.da_mean),
                 "da_prior": self.da_prior, "companion_share": self.companion_share,
-                "mean_set_size": self.mean_set_size}
+                "mean_set_size": self.mean_set_size, "dividing": list(self.dividing)}
 
     def load_state_dict(self, s: Dict) -> None:
         for i in range(2):
@@ -690,3 +706,5 @@ class CoReg(Method):
         self.da_mean = [None, None] if m is None else list(m.to(self.device))
         self.da_prior = None if p is None else p.to(self.device)
         self.companion_share, self.mean_set_size = s.get("companion_share"), s.get("mean_set_size")
+        if "dividing" in s:                            # absent in checkpoints before divide_start
+            self.dividing = [bool(d) for d in s["dividing"]]
