@@ -134,7 +134,8 @@ class GMM1D:
         """Ashman's D, |m1 - m2| * sqrt(2 / (v1 + v2)): how far apart the two components are in
         units of their spread. Above about 2 the mixture is bimodal; near 0 it is one bump split
         in two, and a division on it is arbitrary."""
-        return float(abs(self.means[0] - self.means[1]) * np.sqrt(2.0 / max(float(self.variances.sum()), 1e-300)))
+        spread = max(float(self.variances.sum()), 1e-300)
+        return float(abs(self.means[0] - self.means[1]) * np.sqrt(2.0 / spread))
 
     def predict_proba(self, x: DataLike):
         """(n, 2) posteriors for the local data ``x``; a list of per-chunk (n_c, 2) for a chunk source."""

@@ -63,7 +63,8 @@ class CoRegConfig:
     warmup_neg_entropy: bool = True
     # The authors warm up on strong views with twice the batch: fine for 50 epochs of 60,000
     # images, but a 4,000-image pool then gets 32 steps per epoch and ends the warm-up at 60%
-    # where partial CE on weak views is at 70% (docs/robustness.md). Weak views, one batch: as partial CE.
+    # where partial CE on weak views is at 70% (docs/robustness.md). Weak views, one batch: as
+    # partial CE.
     warmup_view: str = "weak"         # weak | strong (the authors): the warm-up's augmentation
     warmup_batch_factor: int = 1      # warm-up batch = this x train.batch_size ([C] 2)
     label_space_view: str = "strong"  # [C] strong: MixUp over two new strong views | weak: over
@@ -77,7 +78,8 @@ class CoRegConfig:
     # auto_set_size candidates on average), both measured at the first co-divide. There the
     # division loss, -log of the largest candidate probability, measures how far the networks
     # are from choosing among the candidates, not whether the set is wrong: the GMM sends clean
-    # sets to U, where they lose them. Measured (docs/robustness.md): not dividing gains 1.9 points on CLIP
+    # sets to U, where they lose them. Measured (docs/robustness.md): not dividing gains 1.9
+    # points on CLIP
     # top-3 (share 0.74, 3.0 candidates), 0.5 on synthetic q=0.25 (3.25) and 1.3 on a held-out
     # column (4.15, configs/grids/heldout.yaml), on 12 epochs; on 20 epochs of q=0.25 (the
     # reproduction cell) dividing was 1.0 ahead: long schedules may want true. On the sets of
@@ -107,7 +109,8 @@ class CoRegConfig:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     p_threshold: float = 0.5
-    # Off in the published method. Measured (docs/robustness.md): on Fashion-MNIST the division loss of easy
+    # Off in the published method. Measured (docs/robustness.md): on Fashion-MNIST the division
+    # loss of easy
     # classes (trousers, sandals, sneakers) is far below that of hard ones (T-shirt, coat, shirt),
     # so one GMM over all samples puts almost no hard-class sample in P and those classes are
     # forgotten within an epoch. With this switch each sample's loss is min-max normalised within
@@ -117,7 +120,8 @@ class CoRegConfig:
     # co-pseudo-labels
     # true (the published method) | false: targets from the network's own predictions only |
     # auto: false where the candidate sets are not habitual groups (their companion share,
-    # measured as for p_refine=auto, below auto_share), true where they are. Measured (docs/robustness.md):
+    # measured as for p_refine=auto, below auto_share), true where they are. Measured
+    # (docs/robustness.md):
     # own targets gain on the CLIP union and the 6-epoch demo cell (shares 0.44) and are level on
     # the synthetic columns, but collapse Co-Reg on CLIP top-3 (share 0.74). Not the default:
     # `make demo`'s 9 epochs ended 2.1 points below true.
@@ -148,7 +152,8 @@ class CoRegConfig:
     # U's co-guesses: all (the published method: over every class) | candidates (restricted to
     # S) | adaptive (classes outside S weighted by lambda = the share of U whose prediction lies
     # outside S at this epoch's co-divide: label-free, measured per network on every rank).
-    # Measured (docs/robustness.md): restriction helps where U's sets mostly hold the label (CLIP top-3:
+    # Measured (docs/robustness.md): restriction helps where U's sets mostly hold the label (CLIP
+    # top-3:
     # 16% of U predicted outside S) and costs where they do not (CLIP union: 49%).
     u_guess: str = "all"
     # Off in the published method (0). A partial-CE term on the weak views of the P batch (and of
@@ -160,7 +165,8 @@ class CoRegConfig:
                                       # mostly wrong: U is where co-divide puts the noisy sets)
     # label space
     # [C] on: MixUp (alpha 4) over P and U. Off here: on the grid's short schedules it slowed
-    # learning in every cell measured (docs/robustness.md); configs/coreg-published.yaml turns it back on.
+    # learning in 3 of the 4 columns (docs/robustness.md; it pays on the CLIP union, +0.3 to
+    # +0.6); configs/coreg-published.yaml turns it back on.
     mixup: bool = False
     mixup_alpha: float = 4.0
     lambda_u: float = 1.0
