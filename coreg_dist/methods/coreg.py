@@ -360,7 +360,7 @@ class CoReg(Method):
             for k in range(2):
                 metrics.update(self._divide(k, update, (cls_lo[k], cls_hi[k])))
         else:
-            update.map(lambda st: [st.arrays[f"w{k}"].fill(1.0) for k in range(2)])
+            self._all_in_p(update, range(2))
         thr = c.p_threshold
         totals = update.commit(lambda st: self._shard_counts(st, thr))
         metrics.update(self._split_metrics(totals))
@@ -432,14 +432,15 @@ class CoReg(Method):
         gmm, info = fit_gmm_1d(update.chunks(f"avg{k}"), max_iter=c.gmm_max_iter, tol=c.gmm_tol,
                                reg_covar=c.gmm_reg_covar, allreduce=self.coll.allreduce_fn())
         # the same GMM on every rank: every rank takes the same decision
-        self.dividing[k] = self.dividing[k] or gmm.separation >= c.divide_separation
+        separation = gmm.separation
+        self.dividing[k] = self.dividing[k] or separation >= c.divide_separation
         stats = {f"gmm_means_net{k + 1}": [float(m) for m in gmm.means],
                  f"gmm_weights_net{k + 1}": [float(w) for w in gmm.weights],
                  f"gmm_vars_net{k + 1}": [float(v) for v in gmm.variances],
                  f"gmm_iter_net{k + 1}": int(info["n_iter"]),
-                 f"gmm_separation_net{k + 1}": gmm.separation, f"divided_net{k + 1}": int(self.dividing[k])}
+                 f"gmm_separation_net{k + 1}": separation, f"divided_net{k + 1}": int(self.dividing[k])}
         if not self.dividing[k]:
-            update.map(lambda st: st.arrays[f"w{k}"].fill(1.0))
+            self._all_in_p(update, [k])
             return stats
 
         def weigh(st):
@@ -453,6 +454,12 @@ class CoReg(Method):
             st.arrays[f"w{k}"] = w
         update.map(weigh)
         return stats
+
+    @staticmethod
+    def _all_in_p(update, nets) -> None:
+        """Every sample P with w = 1 in the splits of `nets`: no division (co_divide off, or not
+        started under divide_start=separated)."""
+        update.map(lambda st: [st.arrays[f"w{k}"].fill(1.0) for k in nets])
 
     @staticmethod
     def _shard_counts(st, thr: float) -> Dict[str, int]:
